@@ -1,0 +1,1 @@
+"""efflong: efficient long-sequence Transformers in JAX/Flax NNX."""

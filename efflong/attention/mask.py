@@ -1,0 +1,77 @@
+"""Masks as values: a causal flag and segment ids, never a dense T x S array.
+
+A query sees a key when their segment ids are equal and, if causal, the key is not in the query's
+future. Padding is segment id 0 on pad tokens; packed sequences get one id each (1, 2, ...), so
+padding and packing are the same mechanism.
+
+When T != S and the mask is causal, queries are aligned to the end of the keys: query t sits at
+key position S - T + t (the layout of decoding with a cache or a memory of S - T earlier keys).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class Mask:
+  """Which keys each query may see.
+
+  Attributes:
+    causal: whether a query is barred from keys in its future.
+    q_segment_ids: [B, T] int segment id of each query, or None (one segment).
+    kv_segment_ids: [B, S] int segment id of each key, or None (one segment).
+  """
+
+  causal: bool = struct.field(pytree_node=False, default=False)
+  q_segment_ids: jax.Array | None = None
+  kv_segment_ids: jax.Array | None = None
+
+  @classmethod
+  def from_segments(cls, segment_ids: jax.Array | None, *, causal: bool) -> Mask:
+    """Self-attention mask where queries and keys share one [B, T] segment id array."""
+    return cls(causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+
+  def check(self, batch: int, q_len: int, kv_len: int) -> None:
+    """Raises ValueError when the segment ids disagree with q [B, T] / k [B, S] shapes."""
+    if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
+      raise ValueError('Mask needs both q_segment_ids and kv_segment_ids, or neither.')
+    for name, ids, length in (('q_segment_ids', self.q_segment_ids, q_len),
+                              ('kv_segment_ids', self.kv_segment_ids, kv_len)):
+      if ids is not None and tuple(ids.shape) != (batch, length):
+        raise ValueError(f'Mask.{name} has shape {tuple(ids.shape)}; expected {(batch, length)}.')
+    if self.causal and q_len > kv_len:
+      raise ValueError(f'A causal mask needs T <= S; got T={q_len}, S={kv_len}.')
+
+  def allowed(self, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
+              k_seg: jax.Array | None, kv_len: int, q_len: int) -> jax.Array:
+    """Elementwise visibility of keys at k_pos to queries at q_pos (broadcasting).
+
+    Every family's in-block mask is this function, evaluated on whatever positions it gathers.
+
+    Args:
+      q_pos: query positions in [0, T).
+      k_pos: key positions in [0, S).
+      q_seg: segment ids gathered at q_pos, or None.
+      k_seg: segment ids gathered at k_pos, or None.
+      kv_len: S.
+      q_len: T.
+    Returns:
+      A boolean array of the broadcast shape.
+    """
+    ok = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(k_pos)), bool)
+    if self.causal:
+      ok = ok & (k_pos <= q_pos + (kv_len - q_len))
+    if q_seg is not None:
+      ok = ok & (q_seg == k_seg)
+    return ok
+
+  def materialize(self, q_len: int, kv_len: int) -> jax.Array:
+    """The explicit [B or 1, T, S] boolean mask. For the dense reference and tests only."""
+    q_pos = jnp.arange(q_len)[None, :, None]
+    k_pos = jnp.arange(kv_len)[None, None, :]
+    q_seg = None if self.q_segment_ids is None else self.q_segment_ids[:, :, None]
+    k_seg = None if self.kv_segment_ids is None else self.kv_segment_ids[:, None, :]
+    return self.allowed(q_pos, k_pos, q_seg, k_seg, kv_len, q_len)

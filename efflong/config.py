@@ -1,0 +1,144 @@
+"""The config skeleton every task config starts from, and the `key=value,flag` argument parser.
+
+A task config (configs/<task>.py) calls `base(task_name, arg, defaults)`, fills its own section and
+returns it; `parse_arg` turns `attention=lsh,seq_len=1024,smoke` into typed values and refuses keys
+the config does not declare.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from efflong import attention
+
+# Logical axis -> mesh axis. Parameters are sharded over `fsdp` on their embed axis and over `model`
+# on heads / mlp / vocab (Megatron-style); activations' batch axis over (data, fsdp).
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('heads', 'model'),
+    ('head_dim', None),
+    ('mlp', 'model'),
+    ('vocab', 'model'),
+)
+
+
+def parse_arg(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
+  """Parses 'a=1,b=x,flag' against defaults; returns defaults updated.
+
+  Values take the type of their default (bool flags may be given bare: `smoke` = `smoke=True`).
+
+  Raises:
+    ValueError: a key not in defaults, or a value that does not parse as its default's type.
+  """
+  out = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or '').split(','))):
+    key, sep, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; valid: {sorted(defaults)}.')
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f'config argument {key!r} needs a value ({key}=...).')
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'config argument {key}={value!r} is not a bool (true/false).')
+      out[key] = value.lower() in ('true', '1')
+    elif default is None or isinstance(default, str):
+      out[key] = value
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f'config argument {key}={value!r} is not a {type(default).__name__}.') from None
+  return out
+
+
+def _optional_type(hint: Any) -> type:
+  """`float | None` -> float."""
+  if typing.get_origin(hint) in (types.UnionType, typing.Union):
+    return next(a for a in typing.get_args(hint) if a is not type(None))
+  return hint
+
+
+def attention_defaults(name: str, *, inherit: bool = False) -> ml_collections.ConfigDict:
+  """The hyper-parameters a family's attend takes, with their defaults, as a ConfigDict.
+
+  Every key is overridable from the command line; a misspelled one is an error (the dict is locked
+  with the rest of the config). With inherit=True every value is a typed None placeholder: the
+  eval-time overrides, where None means "as in training".
+  """
+  fn = attention.get(name).attend
+  hints = typing.get_type_hints(fn)
+  kw = ml_collections.ConfigDict()
+  for p in inspect.signature(fn).parameters.values():
+    if p.kind != inspect.Parameter.KEYWORD_ONLY or p.name == 'mask':
+      continue
+    if inherit or p.default is None:
+      kw[p.name] = config_dict.placeholder(_optional_type(hints[p.name]))
+    else:
+      kw[p.name] = p.default
+  return kw
+
+
+def base(task_name: str) -> ml_collections.ConfigDict:
+  """The skeleton shared by every task: seed, model, train, eval, mesh, sharding rules."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = ml_collections.ConfigDict({'name': task_name})
+
+  c.model = ml_collections.ConfigDict(dict(
+      kind='lm',                  # lm | encoder | encoder_decoder | classifier
+      num_layers=2,
+      d_model=128,
+      num_heads=4,
+      num_kv_heads=0,             # 0: as many as num_heads; fewer: grouped-query attention
+      d_ff=512,
+      attention='dense',          # a name in efflong.attention.names()
+      dropout_rate=0.0,
+      norm='pre',                 # pre | post
+      activation='gelu',          # gelu | relu
+      positions='sinusoidal',     # sinusoidal | learned | none
+      tie_embeddings=False,
+      pooling='mean',             # classifier: mean | first
+      dtype='float32',            # compute dtype; parameters stay float32
+  ))
+  c.model.attention_kw = attention_defaults('dense')
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,
+      batch_size=32,              # global, over all devices and processes
+      grad_accum_steps=1,         # micro-batches per optimizer step
+      learning_rate=1e-3,
+      schedule='cosine',          # cosine | rsqrt | constant (each after linear warmup)
+      warmup_steps=100,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.98,
+      grad_clip=1.0,              # global-norm clip; 0 disables
+      skip_nonfinite=False,       # skip a step with a non-finite loss instead of stopping
+      log_every=50,
+      eval_every=500,
+      checkpoint_every=1000,
+      keep_checkpoints=2,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(steps=4, batch_size=32))
+  c.eval.attention_kw = attention_defaults('dense', inherit=True)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  c.sharding_rules = DEFAULT_RULES
+  return c
+
+
+def set_attention(c: ml_collections.ConfigDict, name: str) -> None:
+  """Selects an attention family and resets both attention_kw sections to its hyper-parameters."""
+  c.model.attention = name
+  c.model.attention_kw = attention_defaults(name)
+  c.eval.attention_kw = attention_defaults(name, inherit=True)

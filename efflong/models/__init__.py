@@ -1,0 +1,34 @@
+"""Model kinds by config name (`config.model.kind`)."""
+
+from __future__ import annotations
+
+import ml_collections
+from flax import nnx
+
+from efflong.models.transformer import Classifier, Encoder, EncoderDecoder, LanguageModel
+
+KINDS = {
+    'lm': LanguageModel,
+    'encoder': Encoder,
+    'encoder_decoder': EncoderDecoder,
+    'classifier': Classifier,
+}
+
+
+def build(config: ml_collections.ConfigDict, *, attention_kw: dict | None = None,
+          rngs: nnx.Rngs) -> nnx.Module:
+  """The model named by config.model.kind, sized for config.task.
+
+  Args:
+    config: the full experiment config (model and task sections are read).
+    attention_kw: overrides config.model.attention_kw (an eval-time setting); None keeps it.
+    rngs: parameter initialisation rngs.
+  """
+  kind = config.model.kind
+  if kind not in KINDS:
+    raise ValueError(f'unknown model.kind {kind!r}; valid: {sorted(KINDS)}.')
+  if attention_kw is None:
+    attention_kw = config.model.attention_kw.to_dict()
+  return KINDS[kind](config.model, vocab_size=config.task.vocab_size,
+                     max_len=config.task.seq_len, num_classes=config.task.get('num_classes', 0),
+                     attention_kw=attention_kw, rngs=rngs)

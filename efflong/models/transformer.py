@@ -1,0 +1,130 @@
+"""Encoder, decoder-only LM, encoder-decoder and classifier over one block stack.
+
+Every model is called as `model(batch, key=...)` on a dict of [B, T] arrays and returns logits.
+Batch fields read (absent optional fields mean: one segment, positions 0..T-1):
+  lm, encoder:     inputs, segment_ids?, positions?                    -> [B, T, V]
+  encoder_decoder: inputs, segment_ids?, decoder_inputs, decoder_segment_ids?  -> [B, T_dec, V]
+  classifier:      inputs, segment_ids?                                -> [B, num_classes]
+Segment id 0 marks padding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from efflong.nn.blocks import Stack
+from efflong.nn.layers import Dtype, dense, dropout, partitioned
+from efflong.nn.positions import Positions
+
+Batch = dict[str, jax.Array]
+
+
+def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+class Embedder(nnx.Module):
+  """Token embedding plus absolute positions in, logits out (tied or untied)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, vocab_size: int, max_len: int, *,
+               dtype: Dtype, rngs: nnx.Rngs):
+    self.d_model, self.dropout_rate = cfg.d_model, cfg.dropout_rate
+    self.embed = nnx.Embed(vocab_size, cfg.d_model, dtype=dtype, rngs=rngs,
+                           embedding_init=partitioned(nnx.initializers.normal(1.0), 'vocab', 'embed'))
+    self.positions = Positions(cfg.positions, max_len, cfg.d_model, rngs=rngs)
+    self.head = None if cfg.tie_embeddings else dense(cfg.d_model, vocab_size, ('embed', 'vocab'),
+                                                      dtype=dtype, rngs=rngs)
+
+  def encode(self, tokens: jax.Array, positions: jax.Array | None,
+             key: jax.Array | None) -> jax.Array:
+    """[B, T] tokens -> [B, T, D]."""
+    x = self.embed(tokens) + self.positions(_positions(tokens, positions))
+    return dropout(x.astype(self.embed.dtype or x.dtype), self.dropout_rate, key)
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    """[B, T, D] -> [B, T, V] float32 logits."""
+    if self.head is None:
+      logits = self.embed.attend(x) * self.d_model ** -0.5
+    else:
+      logits = self.head(x)
+    return logits.astype(jnp.float32)
+
+
+class LanguageModel(nnx.Module):
+  """Decoder-only, causal (kind 'lm'); with causal=False it is a token-level encoder ('encoder')."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
+               attention_kw: dict, causal: bool = True, rngs: nnx.Rngs, **unused_task):
+    dtype = jnp.dtype(cfg.dtype)
+    self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs)
+    self.stack = Stack(cfg, causal=causal, attention_kw=attention_kw, dtype=dtype, rngs=rngs)
+
+  def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
+    keys = [None, None] if key is None else list(jax.random.split(key))
+    x = self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0])
+    x = self.stack(x, segment_ids=batch.get('segment_ids'), key=keys[1])
+    return self.embedder.decode(x)
+
+
+class Encoder(LanguageModel):
+  """Bidirectional token-level encoder (kind 'encoder'): per-token logits."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, **kw):
+    super().__init__(cfg, causal=False, **kw)
+
+
+class EncoderDecoder(nnx.Module):
+  """Bidirectional encoder, causal decoder with cross-attention; shared embeddings."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
+               attention_kw: dict, rngs: nnx.Rngs, **unused_task):
+    dtype = jnp.dtype(cfg.dtype)
+    self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs)
+    self.encoder = Stack(cfg, causal=False, attention_kw=attention_kw, dtype=dtype, rngs=rngs)
+    self.decoder = Stack(cfg, causal=True, cross=True, attention_kw=attention_kw, dtype=dtype,
+                         rngs=rngs)
+
+  def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
+    keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+    enc_seg = batch.get('segment_ids')
+    enc = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0]),
+                       segment_ids=enc_seg, key=keys[1])
+    dec_seg = batch.get('decoder_segment_ids')
+    if (enc_seg is None) != (dec_seg is None):
+      raise ValueError('encoder_decoder needs both segment_ids and decoder_segment_ids, or neither.')
+    x = self.embedder.encode(batch['decoder_inputs'], batch.get('decoder_positions'), keys[2])
+    x = self.decoder(x, segment_ids=dec_seg, key=keys[3], context=enc, context_segment_ids=enc_seg)
+    return self.embedder.decode(x)
+
+
+class Classifier(nnx.Module):
+  """Bidirectional encoder, pooled ('mean' over real tokens, or 'first'), then a linear head."""
+
+  POOLINGS = ('mean', 'first')
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
+               num_classes: int, attention_kw: dict, rngs: nnx.Rngs, **unused_task):
+    if cfg.pooling not in self.POOLINGS:
+      raise ValueError(f'unknown model.pooling {cfg.pooling!r}; valid: {list(self.POOLINGS)}.')
+    dtype = jnp.dtype(cfg.dtype)
+    self.pooling = cfg.pooling
+    self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs)
+    self.encoder = Stack(cfg, causal=False, attention_kw=attention_kw, dtype=dtype, rngs=rngs)
+    self.head = dense(cfg.d_model, num_classes, ('embed', None), dtype=dtype, rngs=rngs)
+
+  def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
+    keys = [None, None] if key is None else list(jax.random.split(key))
+    seg = batch.get('segment_ids')
+    x = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0]),
+                     segment_ids=seg, key=keys[1])
+    if self.pooling == 'first':
+      pooled = x[:, 0]
+    else:
+      real = jnp.ones(x.shape[:2], x.dtype) if seg is None else (seg > 0).astype(x.dtype)
+      pooled = (x * real[..., None]).sum(1) / jnp.maximum(real.sum(1, keepdims=True), 1.0)
+    return self.head(pooled).astype(jnp.float32)

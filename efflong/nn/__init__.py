@@ -1,0 +1,1 @@
+"""Building blocks: the attention layer, feed-forward, positions, norms and Transformer blocks."""

@@ -1,0 +1,63 @@
+"""The duplication task (Kitaev, Kaiser, Levskaya 2020, "Reformer", section 5).
+
+Each sequence is 0 w 0 w with w drawn uniformly from symbols 1..V-1; the model predicts the next
+token and is scored on the second w only, which it can get right only by looking |w| + 1 tokens back.
+The paper uses V = 128 and |w| = 511 (length 1024).
+
+Examples are generated on the fly: example i of the train stream is a function of (seed, i) only,
+so the data order follows from config.seed and the step, and a grain iterator's state (an index)
+is all a checkpoint needs to resume it.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from efflong.tasks import Metrics, local_batch_size, token_metrics
+
+_TRAIN, _EVAL = 0, 1
+
+
+def make_example(seed: int, stream: int, index: int, seq_len: int, vocab_size: int) -> dict:
+  """One example of the stream: inputs 0w0w, targets shifted by one, weights on the second w."""
+  half = seq_len // 2
+  w = np.random.default_rng([seed, stream, index]).integers(1, vocab_size, size=half - 1)
+  inputs = np.concatenate([[0], w, [0], w]).astype(np.int32)
+  targets = np.append(inputs[1:], 0).astype(np.int32)
+  weights = np.zeros(seq_len, np.float32)
+  weights[half:seq_len - 1] = 1.0  # position p predicts token p + 1: the second w.
+  return {'inputs': inputs, 'targets': targets, 'weights': weights}
+
+
+class Duplication:
+  """Task object for config.task.name = 'duplication' (fields: seq_len, vocab_size)."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.seq_len, self.vocab_size = config.task.seq_len, config.task.vocab_size
+    if self.seq_len < 4 or self.seq_len % 2:
+      raise ValueError(f'task.seq_len={self.seq_len} cannot hold 0w0w: it must be even and >= 4.')
+    if self.vocab_size < 2:
+      raise ValueError(f'task.vocab_size={self.vocab_size} leaves no symbols for w: it must be >= 2.')
+    self.seed = config.seed
+    self.train_batch, self.eval_batch = config.train.batch_size, config.eval.batch_size
+    self.eval_examples = config.eval.steps * config.eval.batch_size
+
+  def _dataset(self, stream: int, size: int, batch: int, process_index: int,
+               process_count: int) -> grain.IterDataset:
+    # Process p takes examples p, p + P, ...: the global batch at each step is the same set of
+    # examples whatever the process count.
+    make = lambda i: make_example(self.seed, stream, i, self.seq_len, self.vocab_size)
+    ds = grain.MapDataset.range(size)[process_index::process_count].map(make)
+    return ds.batch(local_batch_size(batch, process_count), drop_remainder=True).to_iter_dataset()
+
+  def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
+    return self._dataset(_TRAIN, 2**62, self.train_batch, process_index, process_count)
+
+  def eval_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
+    return self._dataset(_EVAL, self.eval_examples, self.eval_batch, process_index, process_count)
+
+  def loss_and_metrics(self, outputs: jax.Array, batch: dict) -> tuple[jax.Array, Metrics]:
+    return token_metrics(outputs, batch['targets'], batch['weights'])

@@ -1,0 +1,264 @@
+"""One training loop for every task: mesh, sharded state, jit'd steps, checkpoints, metrics.
+
+Reads top to bottom: build the mesh, task, model and optimizer; initialise the state directly into
+its shardings (or restore it); then step, log, evaluate and checkpoint until config.train.steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from efflong import models, tasks
+from efflong.train import optim, sharding
+from efflong.train.checkpoint import Checkpoints
+from efflong.train.metrics import Accumulator, Writer
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient norm became NaN or infinite, and train.skip_nonfinite is off."""
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  model_state: nnx.State  # non-trainable model variables (empty for most families)
+  opt_state: optax.OptState
+
+
+def _eval_attention_kw(config: ml_collections.ConfigDict) -> dict:
+  """Training attention_kw updated by the eval-time overrides that are set (not None)."""
+  kw = config.model.attention_kw.to_dict()
+  kw.update({k: v for k, v in config.eval.attention_kw.to_dict().items() if v is not None})
+  return kw
+
+
+def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  return nnx.split(model, nnx.Param, ...)
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+  """[B, ...] -> [n, B / n, ...]; micro-batch i takes rows i, i + n, ... so each stays spread
+  over the devices that hold the batch."""
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f'train.batch_size {x.shape[0]} is not divisible by grad_accum_steps {n}.')
+    return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
+                    tx: optax.GradientTransformation, graphdef: nnx.GraphDef):
+  """(state, batch) -> (state, metric sums, {grad_norm, learning_rate, finite})."""
+  accum = config.train.grad_accum_steps
+  dropout_key = jax.random.key(config.seed + 1)
+  lr_schedule = optim.schedule(config.train)
+
+  def loss_fn(params, model_state, batch, key):
+    model = nnx.merge(graphdef, params, model_state)
+    return task.loss_and_metrics(model(batch, key=key), batch)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    key = jax.random.fold_in(dropout_key, state.step)
+    if accum == 1:
+      (loss, metrics), grads = grad_fn(state.params, state.model_state, batch, key)
+    else:
+      def body(carry, xs):
+        i, micro = xs
+        out = grad_fn(state.params, state.model_state, micro, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, out), None
+
+      micro = _micro_batches(batch, accum)
+      first = jax.tree.map(lambda x: x[0], micro)
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params,
+                                                          state.model_state, first, key))
+      ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite step leaves parameters and optimizer state as they were.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                          opt_state=keep(opt_state, state.opt_state))
+    scalars = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr_schedule(state.step - 1),
+               'finite': finite}
+    return state, metrics, scalars
+
+  return train_step
+
+
+def make_eval_step(task: tasks.Task, graphdef: nnx.GraphDef):
+  """(params, model_state, batch) -> metric sums, with the eval-time model graph."""
+
+  def eval_step(params, model_state, batch):
+    model = nnx.merge(graphdef, params, model_state)
+    return task.loss_and_metrics(model(batch, key=None), batch)[1]
+
+  return eval_step
+
+
+class _Interrupt:
+  """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.signum = None
+    self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def restore(self):
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list[jax.Device] | None = None) -> dict[str, float]:
+  """Trains config in workdir, resuming from its latest checkpoint; returns the final metrics.
+
+  Raises:
+    NonFiniteLossError: a non-finite loss with train.skip_nonfinite off.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  cfg_t = config.train
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = config.sharding_rules
+  task = tasks.build(config)
+  tx = optim.make(cfg_t)
+
+  # Abstract model -> shardings -> state created directly in them (no single-device copy).
+  build = lambda kw=None: models.build(config, attention_kw=kw, rngs=nnx.Rngs(config.seed))
+  graphdef, abs_params, abs_rest = _split(nnx.eval_shape(build))
+  eval_graphdef = _split(nnx.eval_shape(lambda: build(_eval_attention_kw(config))))[0]
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
+                        model_state=abs_rest, opt_state=jax.eval_shape(tx.init, abs_params))
+  shardings = sharding.state_shardings(abstract, mesh, rules)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init() -> TrainState:
+    _, params, rest = _split(build())
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest,
+                      opt_state=tx.init(params))
+
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  train_step = jax.jit(make_train_step(config, task, tx, graphdef),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, replicated, replicated), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(task, eval_graphdef),
+                      in_shardings=(shardings.params, shardings.model_state, batch_sharding),
+                      out_shardings=replicated)
+
+  pidx, pcount = jax.process_index(), jax.process_count()
+  train_iter = iter(task.train_dataset(pidx, pcount))
+  ckpts = Checkpoints(workdir, keep=cfg_t.keep_checkpoints)
+  start = ckpts.latest_step()
+  state = init() if start is None else ckpts.restore(start, abstract, shardings, train_iter)
+  step = int(state.step)
+
+  if pidx == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = Writer(workdir, total_steps=cfg_t.steps, initial_step=step)
+  if start is not None:
+    writer.message(f'Resumed from the checkpoint at step {start} in {ckpts.directory}.')
+
+  def evaluate() -> dict[str, float]:
+    acc = Accumulator()
+    for local in task.eval_dataset(pidx, pcount):
+      acc.add(eval_step(state.params, state.model_state,
+                        sharding.global_batch(local, batch_sharding)))
+    return acc.means('eval')
+
+  interrupt = _Interrupt()
+  pending: list[tuple[int, Any, Any]] = []  # per-step outputs not yet fetched from the device
+  window, t_window, steps_window = Accumulator(), time.perf_counter(), 0
+  last: dict[str, float] = {}
+  tokens_per_step = 0
+  try:
+    while step < cfg_t.steps:
+      batch = sharding.global_batch(next(train_iter), batch_sharding)
+      tokens_per_step = batch['inputs'].size
+      state, metrics, scalars = train_step(state, batch)
+      step += 1
+      pending.append((step, metrics, scalars))
+      writer.progress(step, last)
+
+      is_first = step == (start or 0) + 1
+      boundary = (step % cfg_t.log_every == 0 or step % cfg_t.eval_every == 0
+                  or step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps)
+      if not (is_first or boundary or interrupt.signum):
+        continue
+      # Fetch the pending steps in order: sums, and the first non-finite step, by name.
+      for s, m, sc in jax.device_get(pending):
+        if not sc['finite']:
+          if not cfg_t.skip_nonfinite:
+            raise NonFiniteLossError(
+                f'non-finite loss at step {s} (loss={sc["loss"]}, grad_norm={sc["grad_norm"]}); '
+                f'stopping. Latest checkpoint: step {ckpts.latest_step()} in {ckpts.directory}. '
+                'Set --config.train.skip_nonfinite=True to skip such steps instead.')
+          writer.message(f'Skipped step {s}: non-finite loss {sc["loss"]}.')
+          continue
+        window.add(m)
+      steps_window += len(pending)
+      last_scalars = pending[-1][2]
+      pending = []
+      if is_first:  # The first step carries compilation: time from its end.
+        jax.block_until_ready(state)
+        window, t_window, steps_window = Accumulator(), time.perf_counter(), 0
+        continue
+      if step % cfg_t.log_every == 0 or step == cfg_t.steps:
+        elapsed = time.perf_counter() - t_window
+        sps = steps_window / elapsed if elapsed > 0 else float('nan')
+        last = {**window.means('train'), 'steps_per_sec': sps,
+                'tokens_per_sec': sps * tokens_per_step,
+                'train/grad_norm': float(last_scalars['grad_norm']),
+                'train/learning_rate': float(last_scalars['learning_rate'])}
+        writer.write(step, last)
+        writer.progress(step, last)
+        window, t_window, steps_window = Accumulator(), time.perf_counter(), 0
+      if step % cfg_t.eval_every == 0 or step == cfg_t.steps:
+        last.update(evaluate())
+        writer.write(step, {k: v for k, v in last.items() if k.startswith('eval/')})
+      if step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps or interrupt.signum:
+        ckpts.save(step, state, train_iter)
+      if steps_window == 0:  # eval and checkpoint time stay out of the next window's speed
+        t_window = time.perf_counter()
+      if interrupt.signum:
+        ckpts.wait()
+        writer.message(f'Interrupted ({signal.Signals(interrupt.signum).name}) at step {step}; '
+                       f'checkpoint saved in {ckpts.directory}. Run the same command (same '
+                       f'--workdir) to resume.')
+        return last
+  finally:
+    interrupt.restore()
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
+
+  if not any(k.startswith('eval/') for k in last):  # resumed at the end: evaluate what is there
+    last.update(evaluate())
+  final = {'step': step, **last}
+  if pidx == 0:
+    with open(os.path.join(workdir, 'done.json'), 'w', encoding='utf-8') as f:
+      json.dump(final, f, indent=2)
+  return final
