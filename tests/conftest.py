@@ -5,13 +5,3 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
-import jax  # pylint: disable=wrong-import-position
-import pytest  # pylint: disable=wrong-import-position
-
-jax.config.update('jax_threefry_partitionable', True)
-
-
-@pytest.fixture
-def rng():
-  return jax.random.key(0)
