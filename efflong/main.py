@@ -6,6 +6,7 @@ calls jax.distributed.initialize() first; each then feeds its share of the batch
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -30,22 +31,37 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.exit(f'efflong: bad flag or config: {unknown_key(argv) or str(e).splitlines()[0]}')
+    message = str(e).splitlines()[0]
+    if message.endswith(':'):  # "Error whilst parsing config file:": the cause says what
+      root = e
+      while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+      message = str(root).splitlines()[0]
+    sys.exit(f'efflong: bad flag or config: {unknown_key(argv) or message}')
 
 
 def unknown_key(argv: list[str]) -> str | None:
   """Names the first --config.<key> override that the config does not have, with the valid keys."""
-  config = flags.FLAGS['config'].value
-  for arg in argv[1:]:
-    if config is None or not arg.startswith('--config.'):
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(':')
+  try:
+    module_spec = importlib.util.spec_from_file_location('config_module', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg)
+  except Exception:  # pylint: disable=broad-except
+    return None  # the config itself fails to load: its own error is the one to show
+  for a in argv:
+    if not a.startswith('--config.'):
       continue
-    path = arg[len('--config.'):].split('=', 1)[0].split('.')
-    node = config
-    for i, key in enumerate(path):
+    keys, node = a[len('--config.'):].split('=', 1)[0].split('.'), config
+    for i, key in enumerate(keys):
       if not hasattr(node, 'keys'):
         break
       if key not in node:
-        parent = '.'.join(['config', *path[:i]])
+        parent = '.'.join(['config', *keys[:i]])
         return f'unknown key {parent}.{key}; valid keys of {parent}: {sorted(node.keys())}.'
       node = node[key]
   return None

@@ -89,7 +89,7 @@ def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
       ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -209,7 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if not (is_first or boundary or interrupt.signum):
         continue
       # Fetch the pending steps in order: sums, and the first non-finite step, by name.
-      for s, m, sc in jax.device_get(pending):
+      fetched, pending = jax.device_get(pending), []
+      for s, m, sc in fetched:
         if not sc['finite']:
           if not cfg_t.skip_nonfinite:
             raise NonFiniteLossError(
@@ -219,29 +220,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.message(f'Skipped step {s}: non-finite loss {sc["loss"]}.')
           continue
         window.add(m)
-      steps_window += len(pending)
-      last_scalars = pending[-1][2]
-      pending = []
-      if is_first:  # The first step carries compilation: time from its end.
-        jax.block_until_ready(state)
-        window, t_window, steps_window = Accumulator(), time.perf_counter(), 0
-        continue
+      steps_window += len(fetched)
+      last_scalars = fetched[-1][2]
       if step % cfg_t.log_every == 0 or step == cfg_t.steps:
         elapsed = time.perf_counter() - t_window
-        sps = steps_window / elapsed if elapsed > 0 else float('nan')
-        last = {**window.means('train'), 'steps_per_sec': sps,
-                'tokens_per_sec': sps * tokens_per_step,
+        sps = steps_window / elapsed
+        speed = {} if is_first else {'steps_per_sec': sps, 'tokens_per_sec': sps * tokens_per_step}
+        last = {**window.means('train'), **speed,
                 'train/grad_norm': float(last_scalars['grad_norm']),
                 'train/learning_rate': float(last_scalars['learning_rate'])}
         writer.write(step, last)
         writer.progress(step, last)
-        window, t_window, steps_window = Accumulator(), time.perf_counter(), 0
+        window, steps_window = Accumulator(), 0
+      if is_first:  # The first step carries compilation: keep it out of the speed.
+        jax.block_until_ready(state)
+        steps_window = 0
       if step % cfg_t.eval_every == 0 or step == cfg_t.steps:
         last.update(evaluate())
         writer.write(step, {k: v for k, v in last.items() if k.startswith('eval/')})
       if step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps or interrupt.signum:
         ckpts.save(step, state, train_iter)
-      if steps_window == 0:  # eval and checkpoint time stay out of the next window's speed
+      if steps_window == 0:  # compilation, eval and checkpoints stay out of the next speed
         t_window = time.perf_counter()
       if interrupt.signum:
         ckpts.wait()

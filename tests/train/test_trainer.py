@@ -1,0 +1,122 @@
+"""The trainer: sharding equality, resume exactness, non-finite handling, accumulation, precision."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from efflong import tasks
+from efflong.train import trainer
+from tests.train import smoke_config
+
+
+def losses(workdir) -> dict[int, float]:
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    rows = [json.loads(line) for line in f]
+  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+def test_one_device_equals_eight(tmp_path):
+  """data=4 x model=2 over 8 devices gives the losses of 1 device (dropout on, 8 steps)."""
+  results = []
+  for mesh in (dict(data=1, fsdp=1, model=1), dict(data=4, fsdp=1, model=2)):
+    config = smoke_config(steps=8, dropout_rate=0.1)
+    with config.unlocked():
+      config.mesh.update(mesh)
+    workdir = tmp_path / f'mesh{mesh["data"]}'
+    trainer.train_and_evaluate(config, str(workdir))
+    results.append(losses(workdir))
+  assert len(jax.devices()) == 8
+  assert results[0].keys() == set(range(1, 9))
+  np.testing.assert_allclose(list(results[0].values()), list(results[1].values()), rtol=2e-5)
+
+
+class _SignalAt:
+  """A task whose train data sends this process SIGTERM as it hands out the batch of `step`.
+
+  The restarted run keeps the wrapper (its iterator state has the wrapper's shape); its restored
+  counter is past `step`, so it does not signal again.
+  """
+
+  def __init__(self, task, step):
+    self.task, self.step = task, step
+
+  def __getattr__(self, name):
+    return getattr(self.task, name)
+
+  def train_dataset(self, process_index, process_count):
+    ds = self.task.train_dataset(process_index, process_count)
+
+    def maybe_signal(i, batch):
+      if i + 1 == self.step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return batch
+
+    return ds.map_with_index(maybe_signal)
+
+
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch, capsys):
+  """20 steps straight == a run killed by SIGTERM at step 10 and restarted, bitwise on the CPU."""
+  config = smoke_config(steps=20, dropout_rate=0.1)
+  trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
+  straight = losses(tmp_path / 'straight')
+
+  build = tasks.build
+  monkeypatch.setattr(tasks, 'build', lambda c: _SignalAt(build(c), step=10))
+  first = trainer.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert 'Interrupted (SIGTERM) at step 10' in capsys.readouterr().out
+  assert max(losses(tmp_path / 'resumed')) == 10 and not (tmp_path / 'resumed/done.json').exists()
+  assert 'eval/accuracy' not in first
+  trainer.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  resumed = losses(tmp_path / 'resumed')
+  assert resumed[20] == straight[20]  # bitwise
+  assert resumed == straight
+
+
+class _NanAt(_SignalAt):
+  """A task whose loss is NaN at `step` (the batch carries the flag)."""
+
+  def train_dataset(self, process_index, process_count):
+    ds = self.task.train_dataset(process_index, process_count)
+    flag = lambda i, batch: {**batch, 'nan': np.full(len(batch['inputs']), i + 1 == self.step)}
+    return ds.map_with_index(flag)
+
+  def loss_and_metrics(self, outputs, batch):
+    loss, metrics = self.task.loss_and_metrics(outputs, batch)
+    return (jax.numpy.where(batch['nan'].any(), jax.numpy.nan, loss) if 'nan' in batch else loss,
+            metrics)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+  build = tasks.build
+  monkeypatch.setattr(tasks, 'build', lambda c: _NanAt(build(c), step=4))
+  with pytest.raises(trainer.NonFiniteLossError, match=r'non-finite loss at step 4 '):
+    trainer.train_and_evaluate(smoke_config(steps=6), str(tmp_path / 'stop'))
+
+
+def test_non_finite_steps_can_be_skipped(tmp_path, monkeypatch, capsys):
+  """Skipping step 4 leaves the parameters as after step 3: the step-5 update starts from them."""
+  build = tasks.build
+  monkeypatch.setattr(tasks, 'build', lambda c: _NanAt(build(c), step=4))
+  final = trainer.train_and_evaluate(smoke_config(steps=6, skip_nonfinite=True),
+                                     str(tmp_path / 'skip'))
+  assert 'Skipped step 4' in capsys.readouterr().out
+  assert final['step'] == 6 and np.isfinite(final['eval/loss'])
+  assert sorted(losses(tmp_path / 'skip')) == [1, 2, 3, 5, 6]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+  """Two micro-batches of 4 take the same optimizer step as one batch of 8."""
+  finals = [trainer.train_and_evaluate(smoke_config(steps=3, grad_accum_steps=n),
+                                       str(tmp_path / f'accum{n}')) for n in (1, 2)]
+  np.testing.assert_allclose(finals[0]['eval/loss'], finals[1]['eval/loss'], rtol=1e-5)
+
+
+def test_bfloat16_compute_trains(tmp_path):
+  config = smoke_config(steps=3, dtype='bfloat16')
+  final = trainer.train_and_evaluate(config, str(tmp_path / 'bf16'))
+  assert np.isfinite(final['train/loss'])
+  assert os.path.exists(tmp_path / 'bf16' / 'tensorboard')
