@@ -120,3 +120,13 @@ def test_bfloat16_compute_trains(tmp_path):
   final = trainer.train_and_evaluate(config, str(tmp_path / 'bf16'))
   assert np.isfinite(final['train/loss'])
   assert os.path.exists(tmp_path / 'bf16' / 'tensorboard')
+
+
+def test_eval_attention_kw_overrides_only_evaluation(tmp_path):
+  """config.eval.attention_kw changes the eval model (scale 0: uniform attention), not training."""
+  base = trainer.train_and_evaluate(smoke_config(steps=2), str(tmp_path / 'base'))
+  config = smoke_config(steps=2)
+  config.eval.attention_kw.scale = 0.0
+  other = trainer.train_and_evaluate(config, str(tmp_path / 'other'))
+  assert losses(tmp_path / 'base') == losses(tmp_path / 'other')
+  assert base['eval/loss'] != other['eval/loss']
