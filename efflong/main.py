@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -73,7 +74,6 @@ def main(argv: list[str]) -> None:
     sys.exit('efflong: --workdir is required.')
   distributed = _multi_process_env() if _DISTRIBUTED.value is None else _DISTRIBUTED.value
   if distributed:
-    import jax  # pylint: disable=import-outside-toplevel
     # launch.sh `multi` names the process; SLURM and other clusters are detected by JAX.
     n, i = os.environ.get('EFFLONG_NUM_PROCESSES'), os.environ.get('EFFLONG_PROCESS_ID')
     jax.distributed.initialize(num_processes=n and int(n), process_id=i and int(i))
@@ -84,6 +84,8 @@ def main(argv: list[str]) -> None:
     if os.environ.get('EFFLONG_TRACEBACK'):
       raise
     sys.exit(f'efflong: {e} (EFFLONG_TRACEBACK=1 shows the traceback)')
+  if jax.process_index() != 0:
+    return
   shown = ', '.join(f'{k}={v:.4f}' for k, v in sorted(final.items()) if k.startswith('eval/'))
   print(f'Finished step {final.get("step")}: {shown}. Outputs in {os.path.abspath(_WORKDIR.value)}')
 

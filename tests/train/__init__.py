@@ -5,12 +5,12 @@ import os
 
 import ml_collections
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config_module(name: str):
   """configs/<name>.py as a module."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_ROOT, 'configs', f'{name}.py'))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
