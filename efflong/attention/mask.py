@@ -46,7 +46,7 @@ class Mask:
       raise ValueError(f'A causal mask needs T <= S; got T={q_len}, S={kv_len}.')
 
   def allowed(self, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
-              k_seg: jax.Array | None, kv_len: int, q_len: int) -> jax.Array:
+              k_seg: jax.Array | None, q_len: int, kv_len: int) -> jax.Array:
     """Elementwise visibility of keys at k_pos to queries at q_pos (broadcasting).
 
     Every family's in-block mask is this function, evaluated on whatever positions it gathers.
@@ -56,8 +56,8 @@ class Mask:
       k_pos: key positions in [0, S).
       q_seg: segment ids gathered at q_pos, or None.
       k_seg: segment ids gathered at k_pos, or None.
-      kv_len: S.
       q_len: T.
+      kv_len: S.
     Returns:
       A boolean array of the broadcast shape.
     """
@@ -74,4 +74,4 @@ class Mask:
     k_pos = jnp.arange(kv_len)[None, None, :]
     q_seg = None if self.q_segment_ids is None else self.q_segment_ids[:, :, None]
     k_seg = None if self.kv_segment_ids is None else self.kv_segment_ids[:, None, :]
-    return self.allowed(q_pos, k_pos, q_seg, k_seg, kv_len, q_len)
+    return self.allowed(q_pos, k_pos, q_seg, k_seg, q_len, kv_len)
