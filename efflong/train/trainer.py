@@ -6,6 +6,7 @@ its shardings (or restore it); then step, log, evaluate and checkpoint until con
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -130,20 +131,26 @@ class _Interrupt:
       signal.signal(s, handler)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: list[jax.Device] | None = None) -> dict[str, float]:
-  """Trains config in workdir, resuming from its latest checkpoint; returns the final metrics.
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run is made of, before any data or checkpoint: used by the loop and the benchmarks."""
 
-  Raises:
-    NonFiniteLossError: a non-finite loss with train.skip_nonfinite off.
-  """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  cfg_t = config.train
+  mesh: jax.sharding.Mesh
+  task: tasks.Task
+  abstract: TrainState           # shapes and logical axes of the state
+  shardings: TrainState          # NamedShardings of the state
+  batch_sharding: NamedSharding
+  init: Any                      # () -> TrainState, created directly in `shardings`
+  train_step: Any                # (state, batch) -> (state, metric sums, scalars); donates state
+  eval_step: Any                 # (params, model_state, batch) -> metric sums
+
+
+def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Setup:
+  """Builds the mesh, task, model graphs, shardings and the jit'd init / train / eval steps."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = config.sharding_rules
   task = tasks.build(config)
-  tx = optim.make(cfg_t)
+  tx = optim.make(config.train)
 
   # Abstract model -> shardings -> state created directly in them (no single-device copy).
   build = lambda kw=None: models.build(config, attention_kw=kw, rngs=nnx.Rngs(config.seed))
@@ -167,12 +174,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_step = jax.jit(make_eval_step(task, eval_graphdef),
                       in_shardings=(shardings.params, shardings.model_state, batch_sharding),
                       out_shardings=replicated)
+  return Setup(mesh, task, abstract, shardings, batch_sharding, init, train_step, eval_step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list[jax.Device] | None = None) -> dict[str, float]:
+  """Trains config in workdir, resuming from its latest checkpoint; returns the final metrics.
+
+  Raises:
+    NonFiniteLossError: a non-finite loss with train.skip_nonfinite off.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  cfg_t = config.train
+  run = setup(config, devices)
+  task, batch_sharding, train_step, eval_step = (run.task, run.batch_sharding, run.train_step,
+                                                 run.eval_step)
 
   pidx, pcount = jax.process_index(), jax.process_count()
   train_iter = iter(task.train_dataset(pidx, pcount))
   ckpts = Checkpoints(workdir, keep=cfg_t.keep_checkpoints)
   start = ckpts.latest_step()
-  state = init() if start is None else ckpts.restore(start, abstract, shardings, train_iter)
+  state = run.init() if start is None else ckpts.restore(start, run.abstract, run.shardings,
+                                                            train_iter)
   step = int(state.step)
 
   if pidx == 0:
