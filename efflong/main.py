@@ -29,6 +29,9 @@ def _multi_process_env() -> bool:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with config errors reduced to one line naming the key or value."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is not None and not os.path.isfile(spec.partition(':')[0]):
+    sys.exit(f'efflong: bad flag or config: no config file {spec.partition(":")[0]!r}.')
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -80,6 +83,9 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   try:
     final = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except trainer.Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)
   except (trainer.NonFiniteLossError, ValueError, TypeError) as e:
     if os.environ.get('EFFLONG_TRACEBACK'):
       raise

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
      "unknown config argument 'sequence_len'; valid: ['attention', 'layers', 'seq_len', 'smoke']"),
     (['--config=configs/duplication.py:attention=flash,smoke'],
      "unknown attention 'flash'; known: ['dense']"),
+    (['--config=configs/nope.py:smoke'], "no config file 'configs/nope.py'."),
     (['--config=configs/duplication.py:smoke', '--config.train.steps=many'],
      "--config.train.steps=many"),
 ])

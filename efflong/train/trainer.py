@@ -31,6 +31,14 @@ class NonFiniteLossError(RuntimeError):
   """The loss or gradient norm became NaN or infinite, and train.skip_nonfinite is off."""
 
 
+class Interrupted(Exception):
+  """SIGTERM or SIGINT arrived; a checkpoint of the current step was saved first."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+
 @struct.dataclass
 class TrainState:
   step: jax.Array
@@ -183,6 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     NonFiniteLossError: a non-finite loss with train.skip_nonfinite off.
+    Interrupted: SIGTERM / SIGINT, after saving a checkpoint.
   """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -268,10 +277,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         t_window = time.perf_counter()
       if interrupt.signum:
         ckpts.wait()
-        writer.message(f'Interrupted ({signal.Signals(interrupt.signum).name}) at step {step}; '
-                       f'checkpoint saved in {ckpts.directory}. Run the same command (same '
-                       f'--workdir) to resume.')
-        return last
+        raise Interrupted(interrupt.signum,
+                          f'Interrupted ({signal.Signals(interrupt.signum).name}) at step {step}; '
+                          f'checkpoint saved in {ckpts.directory}. Run the same command (same '
+                          f'--workdir) to resume.')
   finally:
     interrupt.restore()
     ckpts.wait()
