@@ -1,0 +1,89 @@
+"""The attention registry: lookup errors, hyper-parameter binding, config defaults."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from efflong import attention
+from efflong import config as config_lib
+from efflong.attention import Family, Mask, dense
+
+
+def test_dense_is_registered():
+  assert 'dense' in attention.names()
+  assert attention.names() == sorted(attention.names())
+  assert attention.get('dense').attend is dense.attend
+
+
+def test_unknown_family_lists_known_ones():
+  with pytest.raises(ValueError, match=r"unknown attention 'nope'.*known: \[.*'dense'"):
+    attention.get('nope')
+
+
+def test_a_name_registers_once():
+  with pytest.raises(ValueError, match="'dense' is already registered"):
+    attention.register(Family('dense', dense.attend))
+  assert attention.get('dense').attend is dense.attend  # The failed call changed nothing.
+
+
+def test_bind_rejects_unknown_keywords_naming_them_and_the_valid_ones():
+  family = attention.get('dense')
+  with pytest.raises(TypeError,
+                     match=r"'dense' got unknown keyword\(s\) \['window'\]; it takes \['scale'\]"):
+    family.bind(causal=True, window=4, scale=1.0)
+  # `mask` is passed per call, never bound.
+  with pytest.raises(TypeError, match=r"\['mask'\]"):
+    family.bind(causal=True, mask=Mask())
+
+
+def test_bind_fixes_hyper_parameters():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 4, 2, 4)), jnp.float32) for _ in range(3))
+  mask = Mask(causal=False)
+  uniform = attention.get('dense').bind(causal=False, scale=0.0)(q, k, v, mask=mask)
+  # Scale 0: every key weighs the same, so each query gets the mean value.
+  mean = jnp.broadcast_to(v.mean(1, keepdims=True), v.shape)
+  np.testing.assert_allclose(uniform, mean, atol=1e-6)
+  default = attention.get('dense').bind(causal=False)(q, k, v, mask=mask)
+  np.testing.assert_allclose(default, dense.attend(q, k, v, mask=mask), atol=1e-6)
+  assert not np.allclose(default, uniform)
+
+
+def test_bind_checks_masking_direction():
+  causal_only = Family('causal_only', dense.attend, bidirectional=False)
+  bidirectional_only = Family('bidirectional_only', dense.attend, causal=False)
+  causal_only.bind(causal=True)
+  bidirectional_only.bind(causal=False)
+  with pytest.raises(ValueError, match="'causal_only' does not support bidirectional"):
+    causal_only.bind(causal=False)
+  with pytest.raises(ValueError, match="'bidirectional_only' does not support causal"):
+    bidirectional_only.bind(causal=True)
+
+
+def test_attention_defaults_are_the_keyword_only_hyper_parameters():
+  kw = config_lib.attention_defaults('dense')
+  assert set(kw.keys()) == {'scale'}
+  assert kw.scale is None
+  kw.scale = 0.5  # A typed placeholder: floats are accepted ...
+  assert kw.scale == 0.5
+  with pytest.raises(TypeError):
+    kw.scale = 'big'  # ... strings are not.
+  inherit = config_lib.attention_defaults('dense', inherit=True)
+  assert set(inherit.keys()) == {'scale'} and inherit.scale is None
+  # A bound family accepts exactly these keys.
+  attention.get('dense').bind(causal=True, **kw.to_dict())
+
+
+def test_attention_defaults_unknown_family():
+  with pytest.raises(ValueError, match='known'):
+    config_lib.attention_defaults('nope')
+
+
+def test_set_attention_resets_both_sections():
+  c = config_lib.base('t')
+  c.model.attention_kw.scale = 2.0
+  config_lib.set_attention(c, 'dense')
+  assert c.model.attention == 'dense'
+  assert c.model.attention_kw.scale is None and c.eval.attention_kw.scale is None
+  assert isinstance(c.eval.attention_kw, config_dict.ConfigDict)
