@@ -2,10 +2,12 @@
 
 Every model is called as `model(batch, key=...)` on a dict of [B, T] arrays and returns logits.
 Batch fields read (absent optional fields mean: one segment, positions 0..T-1):
-  lm, encoder:     inputs, segment_ids?, positions?                    -> [B, T, V]
-  encoder_decoder: inputs, segment_ids?, decoder_inputs, decoder_segment_ids?  -> [B, T_dec, V]
-  classifier:      inputs, segment_ids?                                -> [B, num_classes]
-Segment id 0 marks padding.
+  lm, encoder:     inputs, segment_ids?, positions?                              -> [B, T, V]
+  encoder_decoder: inputs, segment_ids?, positions?, decoder_inputs,
+                   decoder_segment_ids?, decoder_positions?                      -> [B, T_dec, V]
+  classifier:      inputs, segment_ids?, positions?                              -> [B, num_classes]
+Segment id 0 marks padding. Packed rows need `positions` restarting at each segment (the task
+supplies them). The classifier pools over a whole row: one example per row.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ class Embedder(nnx.Module):
   """Token embedding plus absolute positions in, logits out (tied or untied)."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, vocab_size: int, max_len: int, *,
-               dtype: Dtype, rngs: nnx.Rngs):
+               dtype: Dtype, rngs: nnx.Rngs, logits: bool = True):
     self.d_model, self.dropout_rate = cfg.d_model, cfg.dropout_rate
     self.embed = nnx.Embed(vocab_size, cfg.d_model, dtype=dtype, rngs=rngs,
                            embedding_init=partitioned(nnx.initializers.normal(1.0), 'vocab', 'embed'))
     self.positions = Positions(cfg.positions, max_len, cfg.d_model, rngs=rngs)
-    self.head = None if cfg.tie_embeddings else dense(cfg.d_model, vocab_size, ('embed', 'vocab'),
+    # logits=False (a classifier): no vocabulary head to carry as dead parameters.
+    self.head = None if cfg.tie_embeddings or not logits else dense(cfg.d_model, vocab_size, ('embed', 'vocab'),
                                                       dtype=dtype, rngs=rngs)
 
   def encode(self, tokens: jax.Array, positions: jax.Array | None,
@@ -113,7 +116,7 @@ class Classifier(nnx.Module):
       raise ValueError(f'unknown model.pooling {cfg.pooling!r}; valid: {list(self.POOLINGS)}.')
     dtype = jnp.dtype(cfg.dtype)
     self.pooling = cfg.pooling
-    self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs)
+    self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs, logits=False)
     self.encoder = Stack(cfg, causal=False, attention_kw=attention_kw, dtype=dtype, rngs=rngs)
     self.head = dense(cfg.d_model, num_classes, ('embed', None), dtype=dtype, rngs=rngs)
 

@@ -20,6 +20,8 @@ class Block(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, causal: bool, cross: bool,
                attention_kw: dict, dtype: Dtype, rngs: nnx.Rngs):
     d = cfg.d_model
+    if d % cfg.num_heads:
+      raise ValueError(f'model.d_model={d} is not divisible by model.num_heads={cfg.num_heads}.')
     self.pre_ln = cfg.norm == 'pre'
     self.dropout_rate = cfg.dropout_rate
     attn = dict(d_model=d, num_heads=cfg.num_heads, head_dim=d // cfg.num_heads,

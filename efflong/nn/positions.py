@@ -27,7 +27,10 @@ class LearnedPositions(nnx.Module):
     self.table = nnx.Param(init(rngs.params(), (max_len, dim)))
 
   def __call__(self, positions: jax.Array) -> jax.Array:
-    """[B, T] positions -> [B, T, D]."""
+    """[B, T] positions -> [B, T, D]. Positions must be < max_len (the table's length)."""
+    if positions.shape[-1] > self.max_len:
+      raise ValueError(f'sequence length {positions.shape[-1]} exceeds the learned position table '
+                       f'({self.max_len} = task.seq_len); use positions=sinusoidal or a longer seq_len.')
     return self.table[...][positions]
 
 

@@ -488,3 +488,13 @@ def test_parameters_carry_logical_axis_names(kind):
   assert ('self_attn', 'q', 'kernel') in seen and ('ff', 'wi', 'kernel') in seen
   assert (('cross_attn', 'q', 'kernel') in seen) == (kind == 'encoder_decoder')
   assert (('classifier_head', 'kernel') in seen) == (kind == 'classifier')
+
+
+def test_heads_must_divide_d_model():
+  with pytest.raises(ValueError, match='model.d_model=30 is not divisible by model.num_heads=4'):
+    build('lm', d_model=30, num_heads=4)
+
+
+def test_classifier_has_no_vocabulary_head():
+  model = build('classifier', tie_embeddings=False)
+  assert model.embedder.head is None

@@ -62,3 +62,10 @@ def test_positions_module_kinds():
 def test_learned_positions_carry_axis_names():
   table = LearnedPositions(8, 6, rngs=nnx.Rngs(0)).table
   assert table.get_metadata()['out_sharding'] == ('length', 'embed')
+
+
+def test_learned_positions_refuse_sequences_longer_than_the_table():
+  table = LearnedPositions(4, 2, rngs=nnx.Rngs(0))
+  assert table(jnp.arange(4)[None]).shape == (1, 4, 2)
+  with pytest.raises(ValueError, match='sequence length 6 exceeds the learned position table'):
+    table(jnp.arange(6)[None])
