@@ -27,6 +27,8 @@ def build(config: ml_collections.ConfigDict, *, attention_kw: dict | None = None
   kind = config.model.kind
   if kind not in KINDS:
     raise ValueError(f'unknown model.kind {kind!r}; valid: {sorted(KINDS)}.')
+  if not 0.0 <= config.model.dropout_rate < 1.0:
+    raise ValueError(f'model.dropout_rate={config.model.dropout_rate} must be in [0, 1).')
   if attention_kw is None:
     attention_kw = config.model.attention_kw.to_dict()
   return KINDS[kind](config.model, vocab_size=config.task.vocab_size,

@@ -52,7 +52,9 @@ class Embedder(nnx.Module):
   def decode(self, x: jax.Array) -> jax.Array:
     """[B, T, D] -> [B, T, V] float32 logits."""
     if self.head is None:
-      logits = self.embed.attend(x) * self.d_model ** -0.5
+      table = self.embed.embedding[...].astype(x.dtype)
+      logits = jnp.einsum('BTD,VD->BTV', x, table, preferred_element_type=jnp.float32)
+      logits = logits * self.d_model ** -0.5
     else:
       logits = self.head(x)
     return logits.astype(jnp.float32)

@@ -498,3 +498,8 @@ def test_heads_must_divide_d_model():
 def test_classifier_has_no_vocabulary_head():
   model = build('classifier', tie_embeddings=False)
   assert model.embedder.head is None
+
+
+def test_dropout_rate_must_be_below_one():
+  with pytest.raises(ValueError, match=r'model.dropout_rate=1.0 must be in \[0, 1\)'):
+    build('lm', dropout_rate=1.0)
