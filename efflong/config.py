@@ -7,7 +7,9 @@ the config does not declare.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import os
 import types
 import typing
 from typing import Any
@@ -28,6 +30,15 @@ DEFAULT_RULES = (
     ('mlp', 'model'),
     ('vocab', 'model'),
 )
+
+
+def load_module(path: str) -> types.ModuleType:
+  """A config file (configs/<task>.py) as a module: its get_config and, if any, get_sweep."""
+  spec = importlib.util.spec_from_file_location(
+      f'efflong_config_{os.path.splitext(os.path.basename(path))[0]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_arg(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ calls jax.distributed.initialize() first; each then feeds its share of the batch
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -14,6 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from efflong import config as config_lib
 from efflong.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/<task>.py:<arg>.', lock_config=True)
@@ -51,10 +51,7 @@ def unknown_key(argv: list[str]) -> str | None:
     return None
   path, _, arg = spec.partition(':')
   try:
-    module_spec = importlib.util.spec_from_file_location('config_module', path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = config_lib.load_module(path).get_config(arg)
   except Exception:  # pylint: disable=broad-except
     return None  # the config itself fails to load: its own error is the one to show
   for a in argv:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Any
 from absl import app, flags
 from matplotlib.figure import Figure
 
+from efflong import config as config_lib
 from efflong import main as train_main  # defines --config and --workdir, parse_flags checks them
 
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Points to train at once.', lower_bound=1)
@@ -55,9 +55,7 @@ def load_points(config_spec: str) -> dict[str, dict[str, Any]]:
   config_path, _, arg = config_spec.partition(':')
   if not os.path.isfile(config_path):
     sys.exit(f'efflong sweep: no config file {config_path!r} (from --config={config_spec}).')
-  spec = importlib.util.spec_from_file_location('sweep_config', config_path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.load_module(config_path)
   if not hasattr(module, 'get_sweep'):
     sys.exit(f'efflong sweep: {config_path} has no get_sweep(arg); a sweep needs one that returns '
              'a list of {dotted config key: value} dicts.')

@@ -17,7 +17,6 @@ Prints markdown: the machine and versions, then one table row per length.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
@@ -34,6 +33,7 @@ import ml_collections
 import optax
 from absl import app, flags
 
+from efflong import config as config_lib
 from efflong.train import sharding, trainer
 
 _CONFIG_FILE = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'duplication.py'
@@ -59,10 +59,7 @@ _ONE = flags.DEFINE_integer('one', None, 'Internal: measure this one length, pri
 
 def make_config(seq_len: int) -> ml_collections.ConfigDict:
   """configs/duplication.py at seq_len, with this benchmark's batch, size and dtype."""
-  spec = importlib.util.spec_from_file_location('duplication_config', _CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(f'seq_len={seq_len}')
+  config = config_lib.load_module(str(_CONFIG_FILE)).get_config(f'seq_len={seq_len}')
   config.train.batch_size = max(1, _BATCH_TOKENS.value // seq_len)
   config.model.num_layers = _LAYERS.value or config.model.num_layers
   config.model.d_model = _D_MODEL.value or config.model.d_model

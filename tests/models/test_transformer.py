@@ -8,7 +8,6 @@ Models are run eagerly: XLA caches each op, so the many small configurations sha
 """
 
 import functools
-import importlib.util
 import os
 
 import jax
@@ -34,11 +33,7 @@ PACKED = np.array([1, 1, 1, 2, 2, 2, 0, 0])  # Two packed segments, then padding
 
 
 def _smoke_config() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(
-      'duplication_config', os.path.join(ROOT, 'configs', 'duplication.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('smoke')
+  return config_lib.load_module(os.path.join(ROOT, 'configs', 'duplication.py')).get_config('smoke')
 
 
 def make_config(kind: str = 'lm', /, **model) -> ml_collections.ConfigDict:

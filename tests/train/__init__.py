@@ -1,19 +1,17 @@
 """Trainer tests share one tiny duplication config."""
 
-import importlib.util
 import os
 
 import ml_collections
+
+from efflong import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config_module(name: str):
   """configs/<name>.py as a module."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(os.path.join(ROOT, 'configs', f'{name}.py'))
 
 
 def smoke_config(*, dropout_rate: float = 0.0, dtype: str = 'float32',
