@@ -73,30 +73,30 @@ def parse_arg(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _optional_type(hint: Any) -> type:
-  """`float | None` -> float."""
-  if typing.get_origin(hint) in (types.UnionType, typing.Union):
-    return next(a for a in typing.get_args(hint) if a is not type(None))
-  return hint
+def _field_type(hint: Any) -> type:
+  """`float | None` -> float; a union of several types or a generic alias (tuple[int, ...]) -> object."""
+  args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+      types.UnionType, typing.Union) else [hint]
+  return args[0] if len(args) == 1 and isinstance(args[0], type) and not typing.get_args(
+      args[0]) else object
 
 
 def attention_defaults(name: str, *, inherit: bool = False) -> ml_collections.ConfigDict:
   """The hyper-parameters a family's attend takes, with their defaults, as a ConfigDict.
 
   Every key is overridable from the command line; a misspelled one is an error (the dict is locked
-  with the rest of the config). With inherit=True every value is a typed None placeholder: the
+  with the rest of the config). A hyper-parameter without a default is None here and must be set
+  (binding says so otherwise). With inherit=True every value is a typed None placeholder: the
   eval-time overrides, where None means "as in training".
   """
-  fn = attention.get(name).attend
-  hints = typing.get_type_hints(fn)
+  family = attention.get(name)
+  hints = typing.get_type_hints(family.attend)
   kw = ml_collections.ConfigDict()
-  for p in inspect.signature(fn).parameters.values():
-    if p.kind != inspect.Parameter.KEYWORD_ONLY or p.name == 'mask':
+  for p in inspect.signature(family.attend).parameters.values():
+    if p.kind != inspect.Parameter.KEYWORD_ONLY or p.name == 'mask' or p.name in family.inputs:
       continue
-    if inherit or p.default is None:
-      kw[p.name] = config_dict.placeholder(_optional_type(hints[p.name]))
-    else:
-      kw[p.name] = p.default
+    default = None if inherit or p.default is inspect.Parameter.empty else p.default
+    kw[p.name] = config_dict.FieldReference(default, field_type=_field_type(hints[p.name]))
   return kw
 
 

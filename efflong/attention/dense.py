@@ -27,6 +27,50 @@ def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> None:
   mask.check(b, t, k.shape[1])
 
 
+def softmax(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked softmax over the last axis, safe for rows that allow nothing.
+
+  Args:
+    logits: [..., S] float32 scaled logits.
+    allowed: bool, broadcastable to logits.
+  Returns:
+    probs (unnormalised, exp(logit - max)), their row sums [...], and the row log-sum-exp [...]
+    (NEG_INF for a row with no allowed key; such a row's probs are all zero).
+  """
+  logits = jnp.where(allowed, logits, NEG_INF)
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  probs = jnp.where(allowed, jnp.exp(logits - peak), 0.0)
+  total = jnp.sum(probs, axis=-1)
+  seen = total > 0
+  lse = jnp.where(seen, peak[..., 0] + jnp.log(jnp.where(seen, total, 1.0)), NEG_INF)
+  return probs, jnp.where(seen, total, 1.0), lse
+
+
+def attend_allowed(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                   scale: float) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention under an explicit boolean mask, with its statistics.
+
+  Args:
+    q: [B, T, N, H].
+    k, v: [B, S, K, H]; K divides N.
+    allowed: [B|1, N|1, T, S] bool.
+    scale: logit scale.
+  Returns:
+    out [B, T, N, H] float32 (zeros for a row that sees nothing) and lse [B, T, N] float32.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: G query heads share one kv head.
+  logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32) * scale
+  a = allowed
+  a = a.reshape(a.shape[0], *((kh, n // kh) if a.shape[1] == n else (1, 1)), *a.shape[2:])
+  probs, total, lse = softmax(logits, a)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  out = out / jnp.moveaxis(total, 3, 1)[..., None]
+  return out.reshape(b, t, n, h), jnp.moveaxis(lse, 3, 1).reshape(b, t, n)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
            scale: float | None = None) -> jax.Array:
   """Full softmax attention.
@@ -41,13 +85,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
     [B, T, N, H]; a query that sees no key gets zeros.
   """
   check_shapes(q, k, v, mask)
-  b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  t, s, h = q.shape[1], k.shape[1], q.shape[3]
   scale = h ** -0.5 if scale is None else scale
-  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: G query heads share one kv head.
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32) * scale
-  allowed = mask.materialize(t, s)[:, None, None]  # [B|1, 1, 1, T, S]
-  logits = jnp.where(allowed, logits, NEG_INF)
-  probs = jnp.where(allowed, jax.nn.softmax(logits, axis=-1), 0.0)
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v.dtype), v)
-  return out.reshape(b, t, n, h)
+  out, _ = attend_allowed(q, k, v, mask.materialize(t, s)[:, None], scale)
+  return out.astype(q.dtype)

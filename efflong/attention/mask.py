@@ -23,16 +23,23 @@ class Mask:
     causal: whether a query is barred from keys in its future.
     q_segment_ids: [B, T] int segment id of each query, or None (one segment).
     kv_segment_ids: [B, S] int segment id of each key, or None (one segment).
+    global_tokens: [B, T] bool, positions with full attention in self-attention (they see every
+      key and every query sees them), or None. A restriction-free family (dense) needs nothing
+      more; the sparse families that support them (longformer, bigbird) add these rows and
+      columns to their pattern; the others refuse a mask that has them.
   """
 
   causal: bool = struct.field(pytree_node=False, default=False)
   q_segment_ids: jax.Array | None = None
   kv_segment_ids: jax.Array | None = None
+  global_tokens: jax.Array | None = None
 
   @classmethod
-  def from_segments(cls, segment_ids: jax.Array | None, *, causal: bool) -> Mask:
+  def from_segments(cls, segment_ids: jax.Array | None, *, causal: bool,
+                    global_tokens: jax.Array | None = None) -> Mask:
     """Self-attention mask where queries and keys share one [B, T] segment id array."""
-    return cls(causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+    return cls(causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+               global_tokens=global_tokens)
 
   def check(self, batch: int, q_len: int, kv_len: int) -> None:
     """Raises ValueError when the segment ids disagree with q [B, T] / k [B, S] shapes."""
@@ -42,6 +49,10 @@ class Mask:
                               ('kv_segment_ids', self.kv_segment_ids, kv_len)):
       if ids is not None and tuple(ids.shape) != (batch, length):
         raise ValueError(f'Mask.{name} has shape {tuple(ids.shape)}; expected {(batch, length)}.')
+    if self.global_tokens is not None and (tuple(self.global_tokens.shape) != (batch, q_len)
+                                           or q_len != kv_len):
+      raise ValueError(f'Mask.global_tokens has shape {tuple(self.global_tokens.shape)}; expected '
+                       f'{(batch, q_len)} in self-attention (T == S; here S={kv_len}).')
     if self.causal and q_len > kv_len:
       raise ValueError(f'A causal mask needs T <= S; got T={q_len}, S={kv_len}.')
 

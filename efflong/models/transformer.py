@@ -2,11 +2,12 @@
 
 Every model is called as `model(batch, key=...)` on a dict of [B, T] arrays and returns logits.
 Batch fields read (absent optional fields mean: one segment, positions 0..T-1):
-  lm, encoder:     inputs, segment_ids?, positions?                              -> [B, T, V]
-  encoder_decoder: inputs, segment_ids?, positions?, decoder_inputs,
+  lm, encoder:     inputs, segment_ids?, positions?, global_tokens?              -> [B, T, V]
+  encoder_decoder: inputs, segment_ids?, positions?, global_tokens?, decoder_inputs,
                    decoder_segment_ids?, decoder_positions?                      -> [B, T_dec, V]
-  classifier:      inputs, segment_ids?, positions?                              -> [B, num_classes]
-Segment id 0 marks padding. Packed rows need `positions` restarting at each segment (the task
+  classifier:      inputs, segment_ids?, positions?, global_tokens?              -> [B, num_classes]
+Segment id 0 marks padding. `global_tokens` ([B, T] bool, on `inputs`) flags tokens with full
+self-attention for the families that have them (longformer, bigbird); others refuse it. Packed rows need `positions` restarting at each segment (the task
 supplies them). The classifier pools over a whole row: one example per row.
 """
 
@@ -72,7 +73,8 @@ class LanguageModel(nnx.Module):
   def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
     keys = [None, None] if key is None else list(jax.random.split(key))
     x = self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0])
-    x = self.stack(x, segment_ids=batch.get('segment_ids'), key=keys[1])
+    x = self.stack(x, segment_ids=batch.get('segment_ids'), key=keys[1],
+                   global_tokens=batch.get('global_tokens'))
     return self.embedder.decode(x)
 
 
@@ -98,7 +100,7 @@ class EncoderDecoder(nnx.Module):
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
     enc_seg = batch.get('segment_ids')
     enc = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0]),
-                       segment_ids=enc_seg, key=keys[1])
+                       segment_ids=enc_seg, key=keys[1], global_tokens=batch.get('global_tokens'))
     dec_seg = batch.get('decoder_segment_ids')
     if (enc_seg is None) != (dec_seg is None):
       raise ValueError('encoder_decoder needs both segment_ids and decoder_segment_ids, or neither.')
@@ -126,7 +128,7 @@ class Classifier(nnx.Module):
     keys = [None, None] if key is None else list(jax.random.split(key))
     seg = batch.get('segment_ids')
     x = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0]),
-                     segment_ids=seg, key=keys[1])
+                     segment_ids=seg, key=keys[1], global_tokens=batch.get('global_tokens'))
     if self.pooling == 'first':
       pooled = x[:, 0]
     else:

@@ -9,7 +9,7 @@ from flax import nnx
 
 from efflong import attention
 from efflong.attention import Mask
-from efflong.nn.layers import Dtype, partitioned
+from efflong.nn.layers import Dtype, head_projection, partitioned
 
 
 class Attention(nnx.Module):
@@ -26,26 +26,27 @@ class Attention(nnx.Module):
     if num_heads % num_kv_heads:
       raise ValueError(f'model.num_kv_heads={num_kv_heads} must divide num_heads={num_heads}.')
     self.causal = causal
-    self.attend = attention.get(family).bind(causal=causal, **(family_kw or {}))
-    init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-
-    def proj(heads: int) -> nnx.Einsum:
-      return nnx.Einsum('BTD,DNH->BTNH', (d_model, heads, head_dim), dtype=dtype, rngs=rngs,
-                        kernel_init=partitioned(init, 'embed', 'heads', 'head_dim'))
-
-    self.q, self.k, self.v = proj(num_heads), proj(num_kv_heads), proj(num_kv_heads)
+    fam = attention.get(family)
+    self.attend = fam.bind(causal=causal, **(family_kw or {}))
+    layer = dict(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                 head_dim=head_dim, dtype=dtype, rngs=rngs)
+    self.family_module = fam.module(family_kw or {}, **layer) if fam.module else None
+    self.q = head_projection(d_model, num_heads, head_dim, dtype=dtype, rngs=rngs)
+    self.k = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)
+    self.v = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)
     self.o = nnx.Einsum('BTNH,NHD->BTD', (num_heads, head_dim, d_model), dtype=dtype, rngs=rngs,
                         kernel_init=partitioned(nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
                                                 'heads', 'head_dim', 'embed'))
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None,
-               context: jax.Array | None = None,
+               global_tokens: jax.Array | None = None, context: jax.Array | None = None,
                context_segment_ids: jax.Array | None = None) -> jax.Array:
     """Self-attention over x, or cross-attention from x to context.
 
     Args:
       x: [B, T, D] queries' inputs.
       segment_ids: [B, T] segment ids of x (0 = padding), or None.
+      global_tokens: [B, T] bool tokens with full attention (self-attention only), or None.
       context: [B, S, D] keys' and values' inputs (cross-attention), or None for self-attention.
       context_segment_ids: [B, S] segment ids of context, or None.
     Returns:
@@ -53,6 +54,10 @@ class Attention(nnx.Module):
     """
     if context is None:
       context, context_segment_ids = x, segment_ids
-    mask = Mask(causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=context_segment_ids)
-    out = self.attend(self.q(x), self.k(context), self.v(context), mask=mask)
+    elif global_tokens is not None:
+      raise ValueError('global_tokens apply to self-attention, not cross-attention.')
+    mask = Mask(causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=context_segment_ids,
+                global_tokens=global_tokens)
+    inputs = {} if self.family_module is None else self.family_module(x)
+    out = self.attend(self.q(x), self.k(context), self.v(context), mask=mask, **inputs)
     return self.o(out)

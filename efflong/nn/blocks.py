@@ -41,12 +41,16 @@ class Block(nnx.Module):
     return norm(x + dropout(f(x), self.dropout_rate, key))
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, key: jax.Array | None,
-               context: jax.Array | None = None,
+               global_tokens: jax.Array | None = None, context: jax.Array | None = None,
                context_segment_ids: jax.Array | None = None) -> jax.Array:
-    """[B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross-attention."""
+    """[B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross-attention.
+
+    global_tokens: [B, T] bool tokens with full self-attention (longformer, bigbird), or None.
+    """
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
-    x = self._residual(x, self.self_norm, lambda h: self.self_attn(h, segment_ids=segment_ids),
-                       keys[0])
+    x = self._residual(
+        x, self.self_norm,
+        lambda h: self.self_attn(h, segment_ids=segment_ids, global_tokens=global_tokens), keys[0])
     if self.cross_attn is not None:
       x = self._residual(
           x, self.cross_norm,
@@ -69,11 +73,12 @@ class Stack(nnx.Module):
     self.final_norm = layer_norm(cfg.d_model, dtype=dtype, rngs=rngs) if cfg.norm == 'pre' else None
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, key: jax.Array | None,
-               context: jax.Array | None = None,
+               global_tokens: jax.Array | None = None, context: jax.Array | None = None,
                context_segment_ids: jax.Array | None = None) -> jax.Array:
-    """[B, T, D] -> [B, T, D]."""
+    """[B, T, D] -> [B, T, D]; the arguments as in Block."""
     for i, layer in enumerate(self.layers):
       layer_key = None if key is None else jax.random.fold_in(key, i)
-      x = layer(x, segment_ids=segment_ids, key=layer_key, context=context,
+      x = layer(x, segment_ids=segment_ids, key=layer_key, global_tokens=global_tokens,
+                context=context,
                 context_segment_ids=context_segment_ids)
     return x if self.final_norm is None else self.final_norm(x)

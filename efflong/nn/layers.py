@@ -41,3 +41,11 @@ def dense(d_in: int, d_out: int, axes: tuple[str, str], *, dtype: Dtype,
   return nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs,
                     kernel_init=partitioned(nnx.initializers.lecun_normal(), *axes),
                     bias_init=partitioned(nnx.initializers.zeros, axes[1]))
+
+
+def head_projection(d_model: int, heads: int, head_dim: int, *, dtype: Dtype,
+                    rngs: nnx.Rngs) -> nnx.Einsum:
+  """x [B, T, D] -> [B, T, heads, head_dim], kernel tagged (embed, heads, head_dim)."""
+  init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+  return nnx.Einsum('BTD,DNH->BTNH', (d_model, heads, head_dim), dtype=dtype, rngs=rngs,
+                    kernel_init=partitioned(init, 'embed', 'heads', 'head_dim'))

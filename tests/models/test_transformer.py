@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from efflong import attention
 from efflong import config as config_lib
 from efflong import models
 from efflong.nn.blocks import Block
@@ -498,3 +499,41 @@ def test_classifier_has_no_vocabulary_head():
 def test_dropout_rate_must_be_below_one():
   with pytest.raises(ValueError, match=r'model.dropout_rate=1.0 must be in \[0, 1\)'):
     build('lm', dropout_rate=1.0)
+
+
+# Sparse families through config alone.
+
+
+def family_model(name: str, kind: str = 'lm', **attention_kw) -> nnx.Module:
+  """The smoke model of configs/duplication.py:attention=<name> at length T."""
+  config = config_lib.load_module(os.path.join(ROOT, 'configs', 'duplication.py')).get_config(
+      f'attention={name},smoke,seq_len={T}')
+  config.model.kind = kind
+  config.model.attention_kw.update(attention_kw)
+  return models.build(config, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('name', [n for n in attention.names() if n != 'dense'])
+def test_every_family_builds_from_config_alone_and_stays_causal(name):
+  """configs/duplication.py:attention=<name> gives a causal lm; longformer owns global projections."""
+  model = family_model(name)
+  projections = [path for path, _ in nnx.iter_graph(model) if 'family_module' in path]
+  assert bool(projections) == (name == 'longformer'), projections
+  base = tokens()[0]
+  out = run(model, inputs=variants(base, (0, T // 2)))
+  assert moved(out, 1)[:T // 2].max() < ATOL and moved(out, 1)[T // 2] > MOVED
+  assert moved(out, 0)[1:].max() > MOVED
+
+
+def test_global_tokens_from_the_batch():
+  """Flags from the batch change a longformer lm; a family without globals refuses them."""
+  flags = np.zeros((1, T), bool)
+  flags[0, 2] = True
+  inputs = tokens(1)
+  lf = family_model('longformer', 'encoder', window=1, global_tokens=1)
+  first = run(lf, inputs=inputs)   # Position 0 is the global token.
+  flagged = run(lf, inputs=inputs, global_tokens=flags)
+  assert np.abs(first - flagged).max() > MOVED
+  local = family_model('local', 'encoder', window=1)
+  with pytest.raises(ValueError, match="local attention has no global tokens"):
+    run(local, inputs=inputs, global_tokens=flags)

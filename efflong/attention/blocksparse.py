@@ -1,0 +1,214 @@
+"""Block-sparse attention: the one representation behind every fixed sparse pattern.
+
+A pattern is computed as one or more *parts* whose key sets are disjoint and whose union is the
+pattern; each part returns its own softmax statistics and `merge` combines them exactly (the
+log-sum-exp rescaling of Milakov & Gimelshein 2018, as in FlashAttention).
+
+A `Layout` part tiles the (possibly permuted) queries and keys into blocks of C positions and names,
+for every query block, a fixed number V of key blocks to visit and what to do in each:
+
+  kv_blocks [L, Nq, V] int32   key block visited in slot v by query block q (L = 1, or N per head)
+  kind      [L, Nq, V] int8    EMPTY (padding slot), PATTERN (in-block mask `pattern`), FULL (all)
+  pattern(q_pos, k_pos, head)  elementwise bool on *original* positions (broadcasting)
+  q_index, k_index             optional static permutations: slot p holds original position
+                               q_index[p] (-1 = padding); permuting by a residue class turns dilated
+                               and strided patterns into block-local ones.
+
+Shapes are static and V is fixed, so the same layout drives the XLA path here (gather the visited key
+blocks, blocked softmax) and a Pallas kernel (the arrays become scalar-prefetched block indices).
+Everything is O(T * V * C): no T x S score, mask or index array exists on this path.
+
+The segment-id / causal part of the mask (`Mask.allowed`) is applied on original positions, so
+padding, packing and causality hold whatever the permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efflong.attention import dense
+from efflong.attention.mask import Mask
+
+EMPTY, PATTERN, FULL = 0, 1, 2
+
+Pattern = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+  """Which key blocks each query block visits; see the module docstring.
+
+  Attributes:
+    block: C, positions per block (queries and keys).
+    kv_blocks: [L, Nq, V] int32 key-block indices (L = 1 or one per query head).
+    kind: [L, Nq, V] int8 in {EMPTY, PATTERN, FULL}.
+    pattern: in-block mask on original positions, used in PATTERN slots; None means FULL only.
+    q_index: [Nq * C] original query position per slot (-1 = padding), or None (identity).
+    k_index: [Nk * C] original key position per slot (-1 = padding), or None (identity).
+  """
+
+  block: int
+  kv_blocks: np.ndarray
+  kind: np.ndarray
+  pattern: Pattern | None = None
+  q_index: np.ndarray | None = None
+  k_index: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.kv_blocks.shape != self.kind.shape or self.kv_blocks.ndim != 3:
+      raise ValueError(f'Layout kv_blocks {self.kv_blocks.shape} and kind {self.kind.shape} must be '
+                       'one [L, Nq, V] shape.')
+    if self.pattern is None and np.any(self.kind == PATTERN):
+      raise ValueError('Layout has PATTERN slots but no pattern function.')
+
+  @property
+  def heads(self) -> int:
+    return self.kv_blocks.shape[0]
+
+  def density(self, q_len: int, kv_len: int) -> float:
+    """Fraction of the T x S score matrix this layout computes (visited blocks, not allowed pairs)."""
+    visited = np.count_nonzero(self.kind != EMPTY) * self.block ** 2
+    return visited / (self.heads * q_len * kv_len)
+
+
+def num_blocks(length: int, block: int) -> int:
+  return -(-length // block)
+
+
+def identity_index(length: int, block: int) -> np.ndarray:
+  """Positions 0..length-1 padded with -1 to a multiple of block."""
+  index = np.full(num_blocks(length, block) * block, -1, np.int32)
+  index[:length] = np.arange(length)
+  return index
+
+
+def residue_index(length: int, modulus: int, block: int) -> np.ndarray:
+  """Positions grouped by residue mod `modulus` (0, m, 2m, ..., 1, 1+m, ...), padded with -1.
+
+  Within a group the order is kept, so a band of width w in this order is the band of width w * m in
+  the original order restricted to one residue class.
+  """
+  order = np.concatenate([np.arange(r, length, modulus) for r in range(modulus)]).astype(np.int32)
+  index = np.full(num_blocks(length, block) * block, -1, np.int32)
+  index[:length] = order
+  return index
+
+
+def from_sets(block_sets: list[list[list[tuple[int, int]]]], block: int, **kw) -> Layout:
+  """Builds a Layout from per-head, per-query-block lists of (key block, kind); pads with EMPTY."""
+  visits = max(1, max(len(s) for head in block_sets for s in head))
+  shape = (len(block_sets), len(block_sets[0]), visits)
+  kv_blocks, kind = np.zeros(shape, np.int32), np.zeros(shape, np.int8)
+  for h, head in enumerate(block_sets):
+    for q, slots in enumerate(head):
+      for v, (kb, kd) in enumerate(sorted(slots)):
+        kv_blocks[h, q, v], kind[h, q, v] = kb, kd
+  return Layout(block, kv_blocks, kind, **kw)
+
+
+def band(num_q: int, num_k: int, lo: int, hi: int) -> list[list[tuple[int, int]]]:
+  """Per query block q, the key blocks q + lo .. q + hi that exist, all PATTERN."""
+  return [[(kb, PATTERN) for kb in range(max(0, q + lo), min(num_k, q + hi + 1))]
+          for q in range(num_q)]
+
+
+def _inverse(index: np.ndarray, length: int) -> np.ndarray:
+  """For each original position 0..length-1, its slot in `index`."""
+  inverse = np.empty(length, np.int32)
+  slots = np.nonzero(index >= 0)[0]
+  inverse[index[slots]] = slots
+  return inverse
+
+
+def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layout: Layout,
+                  scale: float, exclude: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """One block-sparse part: softmax attention over the pairs the layout and the mask allow.
+
+  Args:
+    q: [B, T, N, H].
+    k, v: [B, S, K, H]; K divides N.
+    mask: causal flag and segment ids, applied on original positions.
+    layout: the part's layout; L is 1 or N.
+    scale: logit scale.
+    exclude: [B, S] bool keys this part must not see (another part covers them), or None.
+  Returns:
+    out [B, T, N, H] float32, normalised over this part's keys (zeros where it has none), and
+    lse [B, T, N] float32, the log-sum-exp of its logits (NEG_INF where it has none).
+  """
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g, c = n // kh, layout.block
+  lh, nq, nv = layout.kv_blocks.shape
+  gl = 1 if lh == 1 else g                       # query heads per kv head that differ in layout
+  q_index = identity_index(t, c) if layout.q_index is None else layout.q_index
+  k_index = identity_index(s, c) if layout.k_index is None else layout.k_index
+  if lh not in (1, n) or len(q_index) != nq * c or np.max(layout.kv_blocks) * c >= len(k_index):
+    raise ValueError(f'Layout [{lh}, {nq}, {nv}] x block {c} does not fit T={t}, S={s}, N={n}.')
+
+  # Original positions of every query slot [Nq, C] and visited key slot [Kl, Gl, Nq, V*C].
+  q_pos = jnp.asarray(q_index.reshape(nq, c))
+  blocks = layout.kv_blocks.reshape(-1, gl, nq, nv)
+  k_pos = jnp.asarray(k_index.reshape(-1, c)[blocks].reshape(*blocks.shape[:3], nv * c))
+  kind = jnp.asarray(np.repeat(layout.kind.reshape(blocks.shape), c, axis=-1))
+
+  qb = jnp.take(q, jnp.maximum(q_pos, 0), axis=1).reshape(b, nq, c, kh, g, h)
+
+  def gather(x: jax.Array) -> jax.Array:  # [B, S, K, H] -> [B, K, Gl, Nq, V*C, H]
+    xt, pos = jnp.moveaxis(x, 2, 1), jnp.maximum(k_pos, 0)
+    if lh == 1:
+      return jnp.take(xt, pos[0], axis=2)
+    return jax.vmap(lambda xk, pk: jnp.take(xk, pk, axis=1), in_axes=(1, 0), out_axes=1)(xt, pos)
+
+  kb, vb = gather(k), gather(v)
+  kv_spec = 'BKGQSH' if gl > 1 else 'BKQSH'
+  if gl == 1:
+    kb, vb = kb[:, :, 0], vb[:, :, 0]
+  logits = jnp.einsum(f'BQCKGH,{kv_spec}->BKGQCS', qb, kb,
+                      preferred_element_type=jnp.float32) * scale  # [B, K, G, Nq, C, V*C]
+
+  qp, kp = q_pos[:, :, None], k_pos[:, :, :, None, :]                 # [Nq, C, 1], [Kl, Gl, Nq, 1, V*C]
+  inside = kind[:, :, :, None, :] == FULL
+  if layout.pattern is not None:
+    head = jnp.arange(n).reshape(-1, gl, 1, 1, 1) if lh > 1 else jnp.zeros((), jnp.int32)
+    inside |= (kind[:, :, :, None, :] == PATTERN) & layout.pattern(qp, kp, head)
+  ok = inside & (qp >= 0) & (kp >= 0)
+  seg = mask.q_segment_ids is not None
+  ok = ok & mask.allowed(
+      qp, kp,
+      _gather(mask.q_segment_ids, q_pos)[:, None, None, :, :, None] if seg else None,
+      _gather(mask.kv_segment_ids, k_pos)[:, :, :, :, None, :] if seg else None, t, s)
+  if exclude is not None:
+    ok = ok & ~_gather(exclude, k_pos)[:, :, :, :, None, :]
+
+  probs, total, lse = dense.softmax(logits, ok)
+  out = jnp.einsum(f'BKGQCS,{kv_spec}->BQCKGH', probs.astype(v.dtype), vb,
+                   preferred_element_type=jnp.float32)
+  out = out / jnp.moveaxis(total, (3, 4), (1, 2))[..., None]
+  inverse = jnp.asarray(_inverse(q_index, t))
+  out = jnp.take(out.reshape(b, nq * c, n, h), inverse, axis=1)
+  lse = jnp.take(jnp.moveaxis(lse, (3, 4), (1, 2)).reshape(b, nq * c, n), inverse, axis=1)
+  return out, lse
+
+
+def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x [B, T] at index (any shape; -1 reads position 0): [B, *index.shape]."""
+  return jnp.take(x, jnp.maximum(index, 0), axis=1)
+
+
+def merge(parts: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
+  """Combines parts over disjoint key sets into the softmax over their union.
+
+  Args:
+    parts: (out [B, T, N, H], lse [B, T, N]) pairs, each normalised over its own keys.
+  Returns:
+    (out, lse) of the union; rows no part covers stay zero.
+  """
+  lse = functools.reduce(jnp.logaddexp, [lse for _, lse in parts])
+  out = sum(o * jnp.exp(l - lse)[..., None] for o, l in parts)
+  return out, lse

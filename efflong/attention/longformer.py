@@ -1,0 +1,156 @@
+"""Longformer attention (Beltagy et al. 2020, Sec. 3.1): sliding window plus global tokens.
+
+Query i sees key j when j is in i's (dilated) window, or i or j is a global token. Global tokens
+come per example from the mask (`Mask.global_tokens`, the batch field 'global_tokens': a [CLS]
+token, the question tokens) or, without it, are the first `global_tokens` positions.
+
+Computed in three exact pieces, O(T * (window + G)) for G global slots:
+  1. the window over non-global keys (block-sparse layout, global keys excluded);
+  2. every query against the G global keys, merged with 1 by log-sum-exp;
+  3. the G global rows against all keys, overwriting their rows.
+Global rows use their own projections Q_g, K_g, V_g by default (Sec. 3.1, "Linear Projections for
+Global Attention"): the layer passes them as `global_qkv`; piece 2 uses the ordinary K, V.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efflong.attention import blocksparse, dense, local
+from efflong.attention.mask import Mask
+from efflong.nn.layers import Dtype, head_projection
+
+
+def global_slots(mask: Mask, t: int, count: int) -> tuple[jax.Array, jax.Array]:
+  """Positions of the global tokens, G = count slots per row.
+
+  Args:
+    mask: its global_tokens [B, T] bool flags, or None for the first `count` positions.
+    t: T.
+    count: G. With flags from the batch, the first G flagged positions of a row are its global
+      tokens; the data pipeline must flag at most G (`check_flags`).
+  Returns:
+    index [B|1, G] int32 (T where the slot is unused) and valid [B|1, G] bool.
+  """
+  flags = (jnp.arange(t) < count)[None] if mask.global_tokens is None else mask.global_tokens
+  index = jax.vmap(lambda f: jnp.nonzero(f, size=count, fill_value=t)[0])(flags.astype(bool))
+  return index.astype(jnp.int32), index < t
+
+
+def check_flags(flags, count: int) -> None:
+  """Host-side check for a batch's 'global_tokens' field: at most `count` per row."""
+  most = int(jnp.max(jnp.sum(jnp.asarray(flags, bool), axis=-1)))
+  if most > count:
+    raise ValueError(f"a row flags {most} global tokens; the attention has global_tokens={count} "
+                     'slots.')
+
+
+def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
+                        layout: blocksparse.Layout, global_tokens: int,
+                        global_qkv: tuple[jax.Array, jax.Array, jax.Array] | None,
+                        scale: float) -> jax.Array:
+  """A layout's pattern plus global rows and columns; see the module docstring.
+
+  Args:
+    q: [B, T, N, H].
+    k, v: [B, T, K, H].
+    mask: causal flag, segment ids and optional global token flags.
+    layout: the pattern of the non-global part.
+    global_tokens: G, the number of global slots (0: none, and the mask must not flag any).
+    global_qkv: (q_g [B, T, N, H], k_g, v_g [B, T, K, H]) for the global rows, or None to use q, k, v.
+    scale: logit scale.
+  Returns:
+    [B, T, N, H] float32.
+  """
+  b, t = q.shape[:2]
+  if global_tokens == 0:
+    if mask.global_tokens is not None:
+      raise ValueError("the batch flags global tokens but the attention has global_tokens=0 "
+                       'slots; set global_tokens to the most a row flags.')
+    return blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=scale)[0]
+  index, valid = global_slots(mask, t, global_tokens)                 # [B|1, G]
+  index = jnp.broadcast_to(index, (b, global_tokens))
+  valid = jnp.broadcast_to(valid, (b, global_tokens))
+  is_global = jnp.zeros((b, t + 1), bool).at[jnp.arange(b)[:, None], index].set(True)[:, :t]
+  seg = mask.q_segment_ids
+  pos = jnp.arange(t)
+
+  window = blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=scale,
+                                     exclude=is_global)
+  take = lambda x: jnp.take_along_axis(x, jnp.minimum(index, t - 1)[:, :, None, None], axis=1)
+  cols_ok = valid[:, None, :] & mask.allowed(
+      pos[None, :, None], index[:, None, :],
+      None if seg is None else seg[:, :, None],
+      None if seg is None else jnp.take_along_axis(seg, jnp.minimum(index, t - 1), 1)[:, None],
+      t, t)
+  cols = dense.attend_allowed(q, take(k), take(v), cols_ok[:, None], scale)
+  out, _ = blocksparse.merge([window, cols])
+
+  qg, kg, vg = (q, k, v) if global_qkv is None else global_qkv
+  rows_ok = valid[:, :, None] & mask.allowed(
+      index[:, :, None], pos[None, None, :],
+      None if seg is None else jnp.take_along_axis(seg, jnp.minimum(index, t - 1), 1)[:, :, None],
+      None if seg is None else seg[:, None, :], t, t)
+  rows, _ = dense.attend_allowed(take(qg), kg, vg, rows_ok[:, None], scale)    # [B, G, N, H]
+  return out.at[jnp.arange(b)[:, None], index].set(rows, mode='drop')
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,
+           dilation: local.Dilation = 1, global_tokens: int = 0, separate_global: bool = True,
+           global_qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+           block: int | None = None, scale: float | None = None) -> jax.Array:
+  """Longformer attention.
+
+  Args:
+    q: [B, T, N, H].
+    k, v: [B, T, K, H]; K divides N.
+    mask: causal flag, segment ids, and optional per-example global token flags.
+    window: keys on each side of a query, in units of the dilation (as in `local`).
+    dilation: one int, or one per query head.
+    global_tokens: G, global slots per row: the first G positions, or the first G the mask flags.
+    separate_global: global rows use their own projections, passed as global_qkv.
+    global_qkv: (q_g, k_g, v_g) shaped like (q, k, v); required when separate_global and G > 0.
+    block: tile size of the window's layout (default from the window).
+    scale: logit scale; default H ** -0.5.
+  Returns:
+    [B, T, N, H].
+  """
+  local.check_positive(window=window, dilation=dilation,
+                       **({} if block is None else dict(block=block)))
+  local.check_self(q, k, v, mask, 'longformer', global_tokens=True)
+  t, n, h = q.shape[1:]
+  if not isinstance(global_tokens, int) or not 0 <= global_tokens <= t:
+    raise ValueError(f'global_tokens={global_tokens!r} must be an int in [0, T={t}].')
+  if separate_global and global_tokens and global_qkv is None:
+    raise ValueError('longformer with separate_global=True needs global_qkv=(q_g, k_g, v_g) '
+                     '(the attention layer makes them); or set separate_global=False.')
+  layout = local.band_layout(t, t, window=window, dilation=dilation, causal=mask.causal, heads=n,
+                             block=block or local.default_block(window))
+  out = attend_with_globals(q, k, v, mask=mask, layout=layout, global_tokens=global_tokens,
+                            global_qkv=global_qkv if separate_global else None,
+                            scale=h ** -0.5 if scale is None else scale)
+  return out.astype(q.dtype)
+
+
+class GlobalProjections(nnx.Module):
+  """Q_g, K_g, V_g: the global rows' own projections, x [B, T, D] -> {'global_qkv': (q, k, v)}."""
+
+  def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+               dtype: Dtype, rngs: nnx.Rngs):
+    self.q = head_projection(d_model, num_heads, head_dim, dtype=dtype, rngs=rngs)
+    self.k = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)
+    self.v = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
+    return {'global_qkv': (self.q(x), self.k(x), self.v(x))}
+
+
+def global_projections(hyper: dict[str, Any], **layer: Any) -> GlobalProjections | None:
+  """The family module: projections when there are global slots and separate_global is on."""
+  if not hyper.get('global_tokens') or not hyper.get('separate_global', True):
+    return None
+  return GlobalProjections(**layer)
