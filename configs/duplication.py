@@ -11,11 +11,18 @@ copied whole) after the 1500 default steps, in under 3 minutes
 (experiments/results/duplication_default.md).
 
 Arguments (comma separated, e.g. `configs/duplication.py:attention=dense,seq_len=256,smoke`):
-  attention   attention family (default dense)
+  attention   attention family (default dense); its hyper-parameters come from `family_kw` below
   seq_len     length L of 0w0w, even (default 64: |w| = 31)
   layers      number of layers (default 2)
   smoke       tiny model, a few steps: what the tests run
-Sweep (`./launch.sh sweep --config=configs/duplication.py:smoke`): seq_len x layers.
+  families    selects the families sweep; no effect on the config
+Sweeps (`./launch.sh sweep --config=configs/duplication.py:<arg>`):
+  smoke, or no arg: seq_len x layers.
+  families: every sparse family against dense at seq_len 64. Copying needs a path from position
+    L/2 + k back to k + 1, a distance of L/2 - 1 = 31. Expected (experiments/results/
+    duplication_families.md): local with window L/8 (2 layers reach L/4) cannot copy, accuracy
+    near chance on the copy; strided (stride L/2) and longformer (window 4, half the heads dilated
+    by L/2 - 1) copy like dense.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import ml_collections
 
 from efflong import config as config_lib
 
-ARGS = dict(attention='dense', seq_len=64, layers=2, smoke=False)
+ARGS = dict(attention='dense', seq_len=64, layers=2, smoke=False, families=False)
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -33,6 +40,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.task.seq_len = args['seq_len']
   c.task.vocab_size = 128
   config_lib.set_attention(c, args['attention'])
+  c.model.attention_kw.update(family_kw(args['attention'], args['seq_len'], num_heads=2 if
+                                        args['smoke'] else 4))
 
   c.model.kind = 'lm'
   c.model.num_layers = args['layers']
@@ -58,7 +67,26 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   return c
 
 
+def family_kw(name: str, seq_len: int, *, num_heads: int) -> dict:
+  """Each family's hyper-parameters at this length, set against the copy distance L/2 - 1."""
+  half = seq_len // 2
+  return {
+      'local': dict(window=max(1, seq_len // 8)),
+      'longformer': dict(window=4, global_tokens=1,
+                         dilation=tuple(1 if h < num_heads // 2 else half - 1
+                                        for h in range(num_heads))),
+      'strided': dict(stride=half),
+      'fixed': dict(block=half, summary=4),
+      'bigbird': dict(block=8, window=1, random_blocks=2, global_tokens=2),
+  }.get(name, {})
+
+
 def get_sweep(arg: str = '') -> list[dict]:
-  """seq_len x depth: how much harder copying gets with distance, and whether depth helps."""
-  seq_lens = (16, 32) if config_lib.parse_arg(arg, ARGS)['smoke'] else (64, 128, 256)
+  """seq_len x depth (how much harder copying gets with distance, and whether depth helps), or
+  with `families` one point per attention family."""
+  args = config_lib.parse_arg(arg, ARGS)
+  if args['families']:
+    return [{'arg': f'attention={name}'}
+            for name in ('dense', 'local', 'longformer', 'strided', 'fixed', 'bigbird')]
+  seq_lens = (16, 32) if args['smoke'] else (64, 128, 256)
   return [{'task.seq_len': L, 'model.num_layers': n} for L in seq_lens for n in (1, 2)]

@@ -1,10 +1,13 @@
 """Sweep: python -m efflong.sweep --config=configs/<task>.py:<arg> [--workdir=DIR] [--parallel=N].
 
 Trains every point of the config's `get_sweep(arg)` (a list of {dotted key: value} overrides) with
-`python -m efflong.main`, each in its own directory under the sweep root, then writes sweep.csv,
-sweep.md and sweep.png there. Extra --config.<key>=<value> flags apply to every point, before the
-point's own overrides. Finished points (done.json) are skipped and unfinished ones resume from their
-checkpoint, so running the same command again completes a sweep.
+`python -m efflong.main`. A point's key `arg` is appended to the config's argument instead (e.g.
+{'arg': 'attention=local'}: what a dotted key cannot do, such as choosing another attention family,
+whose hyper-parameters the config file sets). Each point trains in its own directory under the
+sweep root; then sweep.csv, sweep.md and sweep.png are written there. Extra --config.<key>=<value>
+flags apply to every point, before the point's own overrides. Finished points (done.json) are
+skipped and unfinished ones resume from their checkpoint, so running the same command again
+completes a sweep.
 """
 
 from __future__ import annotations
@@ -72,8 +75,10 @@ def load_points(config_spec: str) -> dict[str, dict[str, Any]]:
 
 def point_command(config_spec: str, shared: list[str], overrides: dict[str, Any]) -> list[str]:
   """The point's `python -m efflong.main` command, less --workdir; exits naming an unknown key."""
+  if 'arg' in overrides:
+    config_spec += (',' if ':' in config_spec else ':') + overrides['arg']
   args = [f'--config={config_spec}', *shared,
-          *(f'--config.{k}={v}' for k, v in sorted(overrides.items()))]
+          *(f'--config.{k}={v}' for k, v in sorted(overrides.items()) if k != 'arg')]
   problem = train_main.unknown_key(args)
   if problem:
     sys.exit(f'efflong sweep: point {point_name(overrides)} of {config_spec}: {problem}')

@@ -19,6 +19,15 @@ def test_point_name_is_sorted_and_filesystem_safe():
   assert sweep.point_name({'model.attention': 'a/b c'}) == 'model.attention=a_b_c'
 
 
+def test_point_arg_extends_the_config_argument():
+  command = sweep.point_command('configs/duplication.py:smoke', [],
+                                {'arg': 'attention=local', 'model.num_layers': 1})
+  assert command[3:] == ['--config=configs/duplication.py:smoke,attention=local',
+                         '--config.model.num_layers=1']
+  command = sweep.point_command('configs/duplication.py', [], {'arg': 'attention=local'})
+  assert command[3:] == ['--config=configs/duplication.py:attention=local']
+
+
 def test_default_root():
   assert sweep.default_root('configs/duplication.py', 'attention=dense,smoke') == os.path.join(
       'runs', 'sweeps', 'duplication_attention-dense_smoke')
