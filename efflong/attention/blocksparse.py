@@ -157,13 +157,23 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
   k_pos = jnp.asarray(k_index.reshape(-1, c)[blocks].reshape(*blocks.shape[:3], nv * c))
   kind = jnp.asarray(np.repeat(layout.kind.reshape(blocks.shape), c, axis=-1))
 
-  qb = jnp.take(q, jnp.maximum(q_pos, 0), axis=1).reshape(b, nq, c, kh, g, h)
+  def permute(x: jax.Array, index: np.ndarray | None, length: int) -> jax.Array:
+    """x [B, S, ...] -> [B, len(index), ...]: in slot order (padding slots read position 0)."""
+    if index is None:
+      return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+    return jnp.take(x, jnp.asarray(np.maximum(index, 0)), axis=1)
+
+  qb = permute(q, layout.q_index, nq * c).reshape(b, nq, c, kh, g, h)
+  blk = jnp.asarray(blocks)                                  # [Kl, Gl, Nq, V]
 
   def gather(x: jax.Array) -> jax.Array:  # [B, S, K, H] -> [B, K, Gl, Nq, V*C, H]
-    xt, pos = jnp.moveaxis(x, 2, 1), jnp.maximum(k_pos, 0)
-    if lh == 1:
-      return jnp.take(xt, pos[0], axis=2)
-    return jax.vmap(lambda xk, pk: jnp.take(xk, pk, axis=1), in_axes=(1, 0), out_axes=1)(xt, pos)
+    xb = jnp.moveaxis(permute(x, layout.k_index, len(k_index)), 2, 1)
+    xb = xb.reshape(b, kh, len(k_index) // c, c, h)          # [B, K, key blocks, C, H]
+    if lh == 1:  # Whole blocks are gathered: contiguous C x H copies (and adds, backwards).
+      out = jnp.take(xb, blk[0], axis=2)
+    else:
+      out = jax.vmap(lambda xk, bk: jnp.take(xk, bk, axis=1), in_axes=(1, 0), out_axes=1)(xb, blk)
+    return out.reshape(b, kh, gl, nq, nv * c, h)
 
   kb, vb = gather(k), gather(v)
   kv_spec = 'BKGQSH' if gl > 1 else 'BKQSH'
@@ -190,10 +200,11 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
   out = jnp.einsum(f'BKGQCS,{kv_spec}->BQCKGH', probs.astype(v.dtype), vb,
                    preferred_element_type=jnp.float32)
   out = out / jnp.moveaxis(total, (3, 4), (1, 2))[..., None]
+  out, lse = out.reshape(b, nq * c, n, h), jnp.moveaxis(lse, (3, 4), (1, 2)).reshape(b, nq * c, n)
+  if layout.q_index is None:
+    return out[:, :t], lse[:, :t]
   inverse = jnp.asarray(_inverse(q_index, t))
-  out = jnp.take(out.reshape(b, nq * c, n, h), inverse, axis=1)
-  lse = jnp.take(jnp.moveaxis(lse, (3, 4), (1, 2)).reshape(b, nq * c, n), inverse, axis=1)
-  return out, lse
+  return jnp.take(out, inverse, axis=1), jnp.take(lse, inverse, axis=1)
 
 
 def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
