@@ -89,14 +89,10 @@ def attention_defaults(name: str, *, inherit: bool = False) -> ml_collections.Co
   (binding says so otherwise). With inherit=True every value is a typed None placeholder: the
   eval-time overrides, where None means "as in training".
   """
-  family = attention.get(name)
-  hints = typing.get_type_hints(family.attend)
   kw = ml_collections.ConfigDict()
-  for p in inspect.signature(family.attend).parameters.values():
-    if p.kind != inspect.Parameter.KEYWORD_ONLY or p.name == 'mask' or p.name in family.inputs:
-      continue
+  for p, hint in attention.get(name).hyper_parameters().values():
     default = None if inherit or p.default is inspect.Parameter.empty else p.default
-    kw[p.name] = config_dict.FieldReference(default, field_type=_field_type(hints[p.name]))
+    kw[p.name] = config_dict.FieldReference(default, field_type=_field_type(hint))
   return kw
 
 

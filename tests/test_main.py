@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from efflong import attention
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (['--config=configs/duplication.py:smoke,sequence_len=64'],
      "unknown config argument 'sequence_len'; valid: ['attention', 'families', 'layers', 'seq_len', 'smoke']"),
     (['--config=configs/duplication.py:attention=flash,smoke'],
-     "unknown attention 'flash'; known: ['bigbird', 'dense', 'fixed', 'local', 'longformer'"),
+     f"unknown attention 'flash'; known: {attention.names()}"),
     (['--config=configs/nope.py:smoke'], "no config file 'configs/nope.py'."),
     (['--config=configs/duplication.py:smoke', '--config.train.steps=many'],
      "--config.train.steps=many"),

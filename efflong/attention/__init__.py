@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import typing
 from typing import Any, Callable
 
-from efflong.attention import bigbird, dense, local, longformer, sparse
+import jax
+
+from efflong.attention import bigbird, dense, linear, local, longformer, performer, sparse
 from efflong.attention.mask import Mask
 
 AttendFn = Callable[..., Any]
@@ -30,9 +33,13 @@ class Family:
     causal: supports causal masks.
     bidirectional: supports non-causal masks.
     inputs: keyword-only arguments of attend that are data made by `module`, not hyper-parameters.
-    module: None, or a factory `module(hyper, d_model=, num_heads=, num_kv_heads=, head_dim=,
-      dtype=, rngs=)` returning None or an nnx.Module that owns the family's parameters; the
-      attention layer calls it on its input x [B, T, D] and passes the returned dict of `inputs`.
+    module: None, or a factory `module(hyper, *, <its own hyper-parameters>, d_model=, num_heads=,
+      num_kv_heads=, head_dim=, dtype=, rngs=)` returning None or an nnx.Module that owns the
+      family's parameters; `hyper` holds attend's hyper-parameters. The attention layer calls the
+      module on its input x [B, T, D] and passes the returned dict of `inputs` to attend.
+    before_step: None, or `before_step(model, key, step)`, run by the trainer inside every train
+      step before the forward pass; it updates the family's module state in place (e.g. redraws
+      random features). It must leave models without the family's modules unchanged.
   """
 
   name: str
@@ -41,33 +48,61 @@ class Family:
   bidirectional: bool = True
   inputs: tuple[str, ...] = ()
   module: Callable[..., Any] | None = None
+  before_step: Callable[..., None] | None = None
+
+  def hyper_parameters(self) -> dict[str, tuple[inspect.Parameter, Any]]:
+    """name -> (parameter, type hint): attend's keyword-only parameters (less mask and inputs),
+    then the module factory's keyword-only ones (less the layer's)."""
+    out = {}
+    for fn, skip in ((self.attend, {'mask', *self.inputs}), (self.module, _LAYER_ARGS)):
+      if fn is None:
+        continue
+      hints = typing.get_type_hints(fn)
+      for p in inspect.signature(fn).parameters.values():
+        if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name not in skip:
+          out[p.name] = (p, hints.get(p.name, Any))
+    return out
+
+  def _module_names(self) -> set[str]:
+    if self.module is None:
+      return set()
+    return {p.name for p in inspect.signature(self.module).parameters.values()
+            if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name not in _LAYER_ARGS}
 
   def bind(self, *, causal: bool, **hyper: Any) -> AttendFn:
-    """Returns attend with its hyper-parameters fixed, after checking them against its signature.
+    """Returns attend with its hyper-parameters fixed, after checking them all (the module's too).
 
     Raises:
       TypeError: a hyper-parameter the family does not take.
       ValueError: a required hyper-parameter is missing or None, or the family does not support
         this masking direction.
     """
-    params = inspect.signature(self.attend).parameters
-    known = sorted(p for p, spec in params.items()
-                   if spec.kind == inspect.Parameter.KEYWORD_ONLY
-                   and p != 'mask' and p not in self.inputs)
-    unknown = sorted(set(hyper) - set(known))
+    params = self.hyper_parameters()
+    unknown = sorted(set(hyper) - set(params))
     if unknown:
-      raise TypeError(f'attention {self.name!r} got unknown keyword(s) {unknown}; it takes {known}.')
-    missing = sorted(p for p in known if params[p].default is inspect.Parameter.empty
-                     and hyper.get(p) is None)
+      raise TypeError(f'attention {self.name!r} got unknown keyword(s) {unknown}; it takes '
+                      f'{sorted(params)}.')
+    missing = sorted(name for name, (p, _) in params.items()
+                     if p.default is inspect.Parameter.empty and hyper.get(name) is None)
     if missing:
       raise ValueError(f'attention {self.name!r} needs {missing} set (model.attention_kw).')
     if causal and not self.causal:
       raise ValueError(f'attention {self.name!r} does not support causal masking.')
     if not causal and not self.bidirectional:
       raise ValueError(f'attention {self.name!r} does not support bidirectional attention.')
-    return functools.partial(self.attend, **hyper)
+    own = self._module_names()
+    return functools.partial(self.attend, **{k: v for k, v in hyper.items() if k not in own})
+
+  def make_module(self, hyper: dict[str, Any], **layer: Any) -> Any:
+    """The family's module for one attention layer (None if it has none); see `module`."""
+    if self.module is None:
+      return None
+    own = self._module_names()
+    return self.module({k: v for k, v in hyper.items() if k not in own},
+                       **{k: v for k, v in hyper.items() if k in own}, **layer)
 
 
+_LAYER_ARGS = frozenset({'d_model', 'num_heads', 'num_kv_heads', 'head_dim', 'dtype', 'rngs'})
 _REGISTRY: dict[str, Family] = {}
 
 
@@ -91,6 +126,13 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def before_step(model: Any, key: Any, step: Any) -> None:
+  """Runs every registered family's `before_step` hook on model (in place)."""
+  for i, family in enumerate(_REGISTRY.values()):
+    if family.before_step is not None:
+      family.before_step(model, jax.random.fold_in(key, i), step)
+
+
 register(Family('dense', dense.attend))
 register(Family('local', local.attend))
 register(Family('longformer', longformer.attend, inputs=('global_qkv',),
@@ -98,5 +140,8 @@ register(Family('longformer', longformer.attend, inputs=('global_qkv',),
 register(Family('strided', sparse.strided))
 register(Family('fixed', sparse.fixed))
 register(Family('bigbird', bigbird.attend))
+register(Family('linear', linear.attend))
+register(Family('performer', performer.attend, inputs=('projection',),
+                module=performer.feature_matrix, before_step=performer.redraw))
 
 __all__ = ['Family', 'Mask', 'get', 'names', 'register']

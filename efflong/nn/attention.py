@@ -30,7 +30,7 @@ class Attention(nnx.Module):
     self.attend = fam.bind(causal=causal, **(family_kw or {}))
     layer = dict(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                  head_dim=head_dim, dtype=dtype, rngs=rngs)
-    self.family_module = fam.module(family_kw or {}, **layer) if fam.module else None
+    self.family_module = fam.make_module(family_kw or {}, **layer)
     self.q = head_projection(d_model, num_heads, head_dim, dtype=dtype, rngs=rngs)
     self.k = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)
     self.v = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)

@@ -21,7 +21,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from efflong import models, tasks
+from efflong import attention, models, tasks
 from efflong.train import optim, sharding
 from efflong.train.checkpoint import Checkpoints
 from efflong.train.metrics import Accumulator, Writer
@@ -68,11 +68,19 @@ def _micro_batches(batch: dict, n: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def _before_step(graphdef: nnx.GraphDef, state: TrainState, key: jax.Array) -> nnx.State:
+  """The model state after the attention families' per-step hooks (e.g. feature redraws)."""
+  model = nnx.merge(graphdef, state.params, state.model_state)
+  attention.before_step(model, key, state.step)
+  return _split(model)[2]
+
+
 def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
                     tx: optax.GradientTransformation, graphdef: nnx.GraphDef):
   """(state, batch) -> (state, metric sums, {grad_norm, learning_rate, finite})."""
   accum = config.train.grad_accum_steps
   dropout_key = jax.random.key(config.seed + 1)
+  hook_key = jax.random.key(config.seed + 2)  # The attention families' per-step draws.
   lr_schedule = optim.schedule(config.train)
 
   def loss_fn(params, model_state, batch, key):
@@ -83,6 +91,8 @@ def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
 
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(dropout_key, state.step)
+    state = state.replace(model_state=_before_step(graphdef, state,
+                                                   jax.random.fold_in(hook_key, state.step)))
     if accum == 1:
       (loss, metrics), grads = grad_fn(state.params, state.model_state, batch, key)
     else:

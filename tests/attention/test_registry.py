@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from ml_collections import config_dict
 
 from efflong import attention
@@ -87,3 +88,20 @@ def test_set_attention_resets_both_sections():
   assert c.model.attention == 'dense'
   assert c.model.attention_kw.scale is None and c.eval.attention_kw.scale is None
   assert isinstance(c.eval.attention_kw, config_dict.ConfigDict)
+
+
+def test_module_hyper_parameters_join_the_config_and_reach_only_the_module():
+  """performer: nb_features, orthogonal, redraw_every belong to its module, not to attend."""
+  family = attention.get('performer')
+  kw = config_lib.attention_defaults('performer')
+  assert sorted(kw) == ['chunk', 'kernel', 'nb_features', 'orthogonal', 'redraw_every']
+  assert 'projection' not in kw   # An input the module makes, not a hyper-parameter.
+  with pytest.raises(TypeError, match=r"it takes \['chunk', 'kernel', 'nb_features', 'orthogonal', "
+                                      r"'redraw_every'\]"):
+    family.bind(causal=True, nb_feature=8)
+  attend = family.bind(causal=True, nb_features=8, kernel='relu')
+  assert attend.keywords == {'kernel': 'relu'}
+  module = family.make_module({'nb_features': 8, 'redraw_every': 5, 'kernel': 'relu'}, d_model=8,
+                              num_heads=2, num_kv_heads=2, head_dim=4, dtype=jnp.float32,
+                              rngs=nnx.Rngs(0))
+  assert module.projection[...].shape == (8, 4) and module.redraw_every == 5

@@ -14,11 +14,12 @@ def load_config_module(name: str):
   return config_lib.load_module(os.path.join(ROOT, 'configs', f'{name}.py'))
 
 
-def smoke_config(*, dropout_rate: float = 0.0, dtype: str = 'float32',
-                 **train) -> ml_collections.ConfigDict:
+def smoke_config(*, dropout_rate: float = 0.0, dtype: str = 'float32', attention: str = 'dense',
+                 attention_kw: dict | None = None, **train) -> ml_collections.ConfigDict:
   """The duplication smoke config, logging every step, with train.* overrides."""
-  config = load_config_module('duplication').get_config('smoke')
+  config = load_config_module('duplication').get_config(f'smoke,attention={attention}')
   with config.unlocked():
+    config.model.attention_kw.update(attention_kw or {})
     config.model.dropout_rate = dropout_rate
     config.model.dtype = dtype
     config.train.log_every = 1

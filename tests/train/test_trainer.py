@@ -58,9 +58,14 @@ class _SignalAt:
     return ds.map_with_index(maybe_signal)
 
 
-def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize('attention, attention_kw', [
+    ('dense', None),
+    # Redraws at steps 3, 6, 9 | 12, ...: the resumed run must restore the step-9 features.
+    ('performer', {'redraw_every': 3, 'nb_features': 8}),
+])
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch, attention, attention_kw):
   """20 steps straight == a run killed by SIGTERM at step 10 and restarted, bitwise on the CPU."""
-  config = smoke_config(steps=20, dropout_rate=0.1)
+  config = smoke_config(steps=20, dropout_rate=0.1, attention=attention, attention_kw=attention_kw)
   trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
   straight = losses(tmp_path / 'straight')
 
@@ -129,3 +134,15 @@ def test_eval_attention_kw_overrides_only_evaluation(tmp_path):
   other = trainer.train_and_evaluate(config, str(tmp_path / 'other'))
   assert losses(tmp_path / 'base') == losses(tmp_path / 'other')
   assert base['eval/loss'] != other['eval/loss']
+
+
+def test_performer_features_are_redrawn_by_the_trainer(tmp_path):
+  """redraw_every=2: the same losses as never redrawing up to step 2, different from step 3 on."""
+  runs = {}
+  for every in (0, 2):
+    config = smoke_config(steps=4, attention='performer',
+                          attention_kw={'redraw_every': every, 'nb_features': 8})
+    trainer.train_and_evaluate(config, str(tmp_path / f'every{every}'))
+    runs[every] = losses(tmp_path / f'every{every}')
+  assert runs[0][1] == runs[2][1] and runs[0][2] == runs[2][2]
+  assert runs[0][3] != runs[2][3]

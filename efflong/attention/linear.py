@@ -1,0 +1,198 @@
+"""Kernel (linear) attention (Katharopoulos et al. 2020, "Transformers are RNNs", Sec. 3.2).
+
+With a non-negative feature map phi,
+
+  out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i),   S_i = sum_j phi(k_j) v_j^T,   z_i = sum_j phi(k_j),
+
+the sums over the keys j that query i sees. Bidirectional without segments, S and z are one sum over the
+sequence. Causal (Sec. 3.3), the sums are prefix sums, computed chunkwise: inside a chunk of C tokens
+the C x C kernel matrix is masked directly; across chunks a scan carries the running (S, z), so memory
+is O(T * H + (T / C) * M * H), never O(T * M * H). Segments (padding, packing) must be contiguous runs
+of equal ids, as packing makes them: the carried state is that of the run open at the chunk's end, and a
+query uses it only when it is in that run. Bidirectional with segments is a causal pass plus an
+anti-causal pass (the reversed sequence, excluding the diagonal).
+
+The core `attend_features` takes the features; `attend` is the Linear Transformer (phi = elu + 1 or
+relu); `performer` supplies FAVOR+ features to the same core. `step` is the recurrent form for decoding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from efflong.attention import dense
+from efflong.attention.mask import Mask
+
+EPS = 1e-6  # The Linear Transformer's denominator epsilon: relu features may see no key mass.
+
+FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'elu': lambda x: jax.nn.elu(x) + 1.0,
+    'relu': jax.nn.relu,
+}
+
+
+def _check_chunk(chunk: int) -> None:
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f'chunk={chunk!r} must be a positive integer.')
+
+
+def _group(x: jax.Array, kh: int) -> jax.Array:
+  """[B, T, N, F] -> [B, T, K, G, F]: the G query heads of each kv head."""
+  b, t, n, f = x.shape
+  return x.reshape(b, t, kh, n // kh, f)
+
+
+def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk: int,
+            strict: bool) -> tuple[jax.Array, jax.Array]:
+  """Causal numerator and denominator: sums over keys j <= i (j < i if strict) in i's run.
+
+  Args:
+    qf: [B, T, K, G, M] query features.
+    kf: [B, T, K, M] key features.
+    v: [B, T, K, H].
+    seg: [B, T] int segment ids, in contiguous runs.
+    chunk: C.
+    strict: leave out j == i.
+  Returns:
+    num [B, T, K, G, H] and den [B, T, K, G], float32.
+  """
+  b, t, kh, g, m = qf.shape
+  h = v.shape[-1]
+  pad = -t % chunk
+  nc = (t + pad) // chunk
+
+  def to_chunks(x: jax.Array, fill: int = 0) -> jax.Array:  # [B, T, ...] -> [nC, B, C, ...]
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, nc, chunk, *x.shape[2:]), 1, 0)
+
+  # Padded positions get their own id (-1): they neither see nor are seen by real tokens.
+  xs = (to_chunks(qf), to_chunks(kf), to_chunks(v), to_chunks(seg, -1))
+  tri = jnp.tril(jnp.ones((chunk, chunk), bool), -1 if strict else 0)
+
+  def body(carry, x):
+    s, z, open_id = carry                                   # [B, K, M, H], [B, K, M], [B]
+    q_c, k_c, v_c, seg_c = x                                # [B, C, K, G, M], [B, C, K, M], ...
+    same = (seg_c[:, :, None] == seg_c[:, None, :]) & tri   # [B, C, C] query x key
+    a = jnp.einsum('BCKGM,BDKM->BKGCD', q_c, k_c) * same[:, None, None]
+    from_carry = (seg_c == open_id[:, None]).astype(jnp.float32)      # [B, C]
+    num = (jnp.einsum('BKGCD,BDKH->BCKGH', a, v_c)
+           + jnp.einsum('BCKGM,BKMH->BCKGH', q_c, s) * from_carry[:, :, None, None, None])
+    den = a.sum(-1).transpose(0, 3, 1, 2) + jnp.einsum('BCKGM,BKM->BCKG', q_c, z) * from_carry[
+        :, :, None, None]
+    # The run open at the chunk's end: its keys in this chunk, plus the carry if it continues it.
+    last = seg_c[:, -1]
+    in_last = (seg_c == last[:, None]).astype(jnp.float32)            # [B, C]
+    keep = (last == open_id).astype(jnp.float32)[:, None, None]
+    s = s * keep[..., None] + jnp.einsum('BCKM,BCKH,BC->BKMH', k_c, v_c, in_last)
+    z = z * keep + jnp.einsum('BCKM,BC->BKM', k_c, in_last)
+    return (s, z, last), (num, den)
+
+  init = (jnp.zeros((b, kh, m, h), jnp.float32), jnp.zeros((b, kh, m), jnp.float32),
+          jnp.full((b,), -2, seg.dtype))
+  _, (num, den) = jax.lax.scan(body, init, xs)
+  from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nc * chunk, *x.shape[3:])[:, :t]
+  return from_chunks(num), from_chunks(den)
+
+
+def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
+                    chunk: int = 64, eps: float = EPS) -> jax.Array:
+  """out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps) over the keys query i sees.
+
+  Args:
+    qf: [B, T, N, M] non-negative query features.
+    kf: [B, S, K, M] non-negative key features; K divides N.
+    v: [B, S, K, H].
+    mask: causal flag and segment ids (contiguous runs); causal or segmented needs T == S.
+    chunk: C, tokens per chunk of the causal / segmented path (any C; T is padded).
+    eps: added to the denominator. 0 suits features that are positive up to a common scale (FAVOR+
+      with its stabiliser); a zero denominator then gives a zero output, never NaN.
+  Returns:
+    [B, T, N, H] float32.
+  """
+  _check_chunk(chunk)
+  b, t, n, _ = qf.shape
+  kh = kf.shape[2]
+  qf = _group(qf.astype(jnp.float32), kh)
+  kf, vf = kf.astype(jnp.float32), v.astype(jnp.float32)
+  if mask.global_tokens is not None:
+    raise ValueError("kernel attention has no global tokens, but the mask (the batch field "
+                     "'global_tokens') sets some; use longformer or bigbird.")
+  seg = mask.q_segment_ids
+  if not mask.causal and seg is None and mask.kv_segment_ids is None:
+    s = jnp.einsum('BSKM,BSKH->BKMH', kf, vf)
+    num = jnp.einsum('BTKGM,BKMH->BTKGH', qf, s)
+    den = jnp.einsum('BTKGM,BSKM->BTKG', qf, kf)
+  else:
+    if kf.shape[1] != t or (seg is None) != (mask.kv_segment_ids is None):
+      raise ValueError('kernel attention with a causal mask or segment ids needs self-attention '
+                       f'(T == S, one segment id array); got T={t}, S={kf.shape[1]}.')
+    seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
+    num, den = _prefix(qf, kf, vf, seg, chunk=chunk, strict=False)
+    if not mask.causal:
+      flip = lambda x: jnp.flip(x, axis=1)
+      back_num, back_den = _prefix(flip(qf), flip(kf), flip(vf), flip(seg), chunk=chunk,
+                                   strict=True)
+      num, den = num + flip(back_num), den + flip(back_den)
+  den = den + eps
+  out = num / jnp.where(den > 0, den, 1.0)[..., None]
+  return out.reshape(b, t, n, -1)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, feature_map: str = 'elu',
+           chunk: int = 64) -> jax.Array:
+  """Linear Transformer attention with phi = elu + 1 (the paper's) or relu.
+
+  Args:
+    q: [B, T, N, H].
+    k, v: [B, S, K, H]; K divides N.
+    mask: causal flag and segment ids (contiguous runs).
+    feature_map: 'elu' or 'relu'.
+    chunk: C of the chunked prefix sums.
+  Returns:
+    [B, T, N, H].
+  """
+  dense.check_shapes(q, k, v, mask)
+  if feature_map not in FEATURE_MAPS:
+    raise ValueError(f'feature_map={feature_map!r}; valid: {sorted(FEATURE_MAPS)}.')
+  phi = FEATURE_MAPS[feature_map]
+  qf = phi(q.astype(jnp.float32))
+  kf = phi(k.astype(jnp.float32))
+  return attend_features(qf, kf, v, mask=mask, chunk=chunk).astype(q.dtype)
+
+
+class State(NamedTuple):
+  """Decoding state of kernel attention: s [B, K, M, H] = sum phi(k) v^T, z [B, K, M] = sum phi(k)."""
+
+  s: jax.Array
+  z: jax.Array
+
+
+def init_state(batch: int, kv_heads: int, features: int, head_dim: int) -> State:
+  return State(jnp.zeros((batch, kv_heads, features, head_dim), jnp.float32),
+               jnp.zeros((batch, kv_heads, features), jnp.float32))
+
+
+def step_features(state: State, qf: jax.Array, kf: jax.Array, v: jax.Array
+                  ) -> tuple[State, jax.Array]:
+  """One causal token: adds key features kf [B, K, M] and v [B, K, H], then reads qf [B, N, M].
+
+  Returns:
+    the new state and out [B, N, H] float32, equal to row t of the causal `attend_features`.
+  """
+  s = state.s + jnp.einsum('BKM,BKH->BKMH', kf, v.astype(jnp.float32))
+  z = state.z + kf
+  b, n, m = qf.shape
+  kh = kf.shape[1]
+  qg = qf.reshape(b, kh, n // kh, m)
+  out = jnp.einsum('BKGM,BKMH->BKGH', qg, s) / (jnp.einsum('BKGM,BKM->BKG', qg, z)[..., None] + EPS)
+  return State(s, z), out.reshape(b, n, -1)
+
+
+def step(state: State, q: jax.Array, k: jax.Array, v: jax.Array, *,
+         feature_map: str = 'elu') -> tuple[State, jax.Array]:
+  """Recurrent Linear Transformer step (Sec. 3.4): q [B, N, H], k, v [B, K, H] -> out [B, N, H]."""
+  phi = FEATURE_MAPS[feature_map]
+  return step_features(state, phi(q.astype(jnp.float32)), phi(k.astype(jnp.float32)), v)

@@ -1,0 +1,245 @@
+"""Kernel attention (linear, performer) against direct O(T^2) evaluations of the same formula.
+
+The reference builds the T x S kernel matrix A_ij = phi(q_i) . phi(k_j), zeroes the pairs the mask
+forbids, and returns A v / (A 1 + EPS). Features for the reference are computed here, in numpy, from
+the papers' formulas (for performer without the stabiliser, which must cancel).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efflong.attention import Mask, linear, performer
+
+H = 4
+
+
+def _arrays(*shapes, seed=0, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(scale * rng.standard_normal(s), jnp.float32) for s in shapes)
+
+
+def _segments(kind, b, t):
+  if kind is None:
+    return None
+  seg = np.ones((b, t), np.int32)
+  if kind == 'pad':
+    seg[1::2, t - t // 3:] = 0
+  else:  # packed: ids 1, 2, then padding in row 0.
+    seg[:, t // 2:] = 2
+    seg[0, t - 3:] = 0
+  return jnp.asarray(seg)
+
+
+def elu1(x):
+  x = np.asarray(x, np.float64)
+  return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0)))
+
+
+def favor(x, w):
+  """exp(W x' - |x'|^2 / 2) / sqrt(M), x' = x H^(-1/4) (Choromanski et al. 2021, Lemma 1)."""
+  x = np.asarray(x, np.float64) * x.shape[-1] ** -0.25
+  return np.exp(np.einsum('btnh,mh->btnm', x, np.asarray(w, np.float64))
+                - 0.5 * np.sum(x * x, -1, keepdims=True)) / np.sqrt(w.shape[0])
+
+
+@functools.partial(jax.jit, static_argnames='fn')
+def _vjp(fn, args, dout):
+  out, vjp = jax.vjp(fn, *args)
+  return out, vjp(dout)
+
+
+def direct(qf, kf, v, allowed, eps=linear.EPS):
+  """out [B, T, N, H] from features qf [B, T, N, M], kf [B, S, K, M] and allowed [B|1, T, S]."""
+  n, kh = qf.shape[2], kf.shape[2]
+  kf, v = jnp.repeat(kf, n // kh, axis=2), jnp.repeat(v, n // kh, axis=2)
+  a = jnp.einsum('BTNM,BSNM->BNTS', qf, kf) * allowed[:, None]
+  return jnp.einsum('BNTS,BSNH->BTNH', a, v) / (a.sum(-1).transpose(0, 2, 1)[..., None] + eps)
+
+
+def _close(got, want, what, rtol=1e-5):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  err, top = np.abs(got - want).max(), np.abs(want).max()
+  assert err <= rtol * top + 1e-7, f'{what}: max error {err:.3g} (max |reference| {top:.3g})'
+
+
+CASES = {
+    # name: (B, T, N, K, causal, segments, chunk)
+    'causal_chunk_divides_T': (2, 12, 2, 2, True, None, 4),
+    'causal_chunk_does_not_divide_T_gqa': (2, 13, 4, 2, True, None, 5),
+    'causal_packed_mqa': (2, 14, 4, 1, True, 'packed', 4),
+    'causal_padded_chunk_1': (2, 9, 2, 2, True, 'pad', 1),
+    'bidirectional': (2, 11, 2, 2, False, None, 4),
+    'bidirectional_packed_gqa': (2, 13, 4, 2, False, 'packed', 3),
+    'bidirectional_padded_chunk_over_T': (2, 10, 2, 1, False, 'pad', 16),
+}
+
+
+@pytest.mark.parametrize('name', list(CASES))
+@pytest.mark.parametrize('family', ['linear', 'performer'])
+def test_equals_the_direct_formula(family, name):
+  b, t, n, kh, causal, segs, chunk = CASES[name]
+  q, k, v, dout = _arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H))
+  mask = Mask.from_segments(_segments(segs, b, t), causal=causal)
+  allowed = mask.materialize(t, t)
+  if family == 'linear':
+    fn = lambda q, k, v: linear.attend(q, k, v, mask=mask, chunk=chunk)
+    feats = lambda q, k: (jnp.asarray(elu1(q), jnp.float32), jnp.asarray(elu1(k), jnp.float32))
+  else:
+    w = performer.draw(jax.random.key(1), 8, H, orthogonal=True)
+    fn = lambda q, k, v: performer.attend(q, k, v, mask=mask, projection=w, chunk=chunk)
+    feats = lambda q, k: (jnp.asarray(favor(q, w), jnp.float32), jnp.asarray(favor(k, w),
+                                                                              jnp.float32))
+  out, grads = _vjp(fn, (q, k, v), dout)
+  eps = linear.EPS if family == 'linear' else 0.0   # FAVOR+ features are positive.
+  _close(out, direct(*feats(q, k), v, allowed, eps), 'out')
+  if family == 'linear':  # Gradients through the same phi, in jax.
+    phi = linear.FEATURE_MAPS['elu']
+    ref = lambda q, k, v: direct(phi(q), phi(k), v, allowed)
+  else:
+    ref = lambda q, k, v: direct(performer.features(q, w, kernel='softmax', is_query=True),
+                                 performer.features(k, w, kernel='softmax', is_query=False),
+                                 v, allowed, eps)
+  _, want = _vjp(ref, (q, k, v), dout)
+  for got, exp, what in zip(grads, want, 'qkv'):
+    _close(got, exp, f'd{what}')
+
+
+@pytest.mark.parametrize('chunk', [3, 4, 32])
+def test_causal_chunks_equal_the_naive_prefix_sum(chunk):
+  """S_i = cumsum_j phi(k_j) v_j^T over all T positions at once (O(T M H) memory)."""
+  b, t, n = 2, 12, 2
+  q, k, v = _arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=3)
+  qf, kf = linear.FEATURE_MAPS['elu'](q), linear.FEATURE_MAPS['elu'](k)
+  s = jnp.cumsum(jnp.einsum('BTNM,BTNH->BTNMH', kf, v), axis=1)
+  z = jnp.cumsum(kf, axis=1)
+  want = (jnp.einsum('BTNM,BTNMH->BTNH', qf, s)
+          / (jnp.einsum('BTNM,BTNM->BTN', qf, z)[..., None] + linear.EPS))
+  _close(linear.attend(q, k, v, mask=Mask(causal=True), chunk=chunk), want, f'chunk={chunk}')
+
+
+def test_recurrent_step_reproduces_the_causal_outputs():
+  b, t, n, kh = 2, 9, 4, 2
+  q, k, v = _arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), seed=4)
+  want = linear.attend(q, k, v, mask=Mask(causal=True), chunk=4)
+  state = linear.init_state(b, kh, H, H)
+  for i in range(t):
+    state, out = linear.step(state, q[:, i], k[:, i], v[:, i])
+    _close(out, want[:, i], f'token {i}')
+
+
+def test_relu_kernels():
+  b, t, n = 1, 10, 2
+  q, k, v = _arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=5)
+  mask = Mask(causal=True)
+  allowed = mask.materialize(t, t)
+  relu = lambda x: jnp.maximum(x, 0.0)
+  _close(linear.attend(q, k, v, mask=mask, feature_map='relu', chunk=4),
+         direct(relu(q), relu(k), v, allowed), 'linear relu')
+  w = performer.draw(jax.random.key(2), 8, H, orthogonal=False)
+  pf = lambda x: relu(jnp.einsum('BTNH,MH->BTNM', x * H ** -0.25, w)) * 8 ** -0.5
+  _close(performer.attend(q, k, v, mask=mask, projection=w, kernel='relu', chunk=4),
+         direct(pf(q), pf(k), v, allowed), 'performer relu')
+
+
+def test_padding_reaches_no_real_token():
+  b, t, n = 1, 12, 2
+  q, k, v = _arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=6)
+  seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3])
+  for causal in (True, False):
+    mask = Mask.from_segments(seg, causal=causal)
+    base = linear.attend(q, k, v, mask=mask, chunk=4)
+    moved_pad = linear.attend(q, k.at[:, 10].add(3.0), v.at[:, 10].add(3.0), mask=mask, chunk=4)
+    np.testing.assert_allclose(moved_pad[:, :9], base[:, :9], atol=1e-6)
+    moved_real = linear.attend(q, k.at[:, 6].add(3.0), v.at[:, 6].add(3.0), mask=mask, chunk=4)
+    np.testing.assert_allclose(moved_real[:, :5], base[:, :5], atol=1e-6)
+    assert np.abs(np.asarray(moved_real - base))[:, 5:9].max() > 1e-3
+
+
+# FAVOR+ statistics.
+
+
+def softmax_attention(q, k, v):
+  logits = np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(q.shape[-1])
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum('bhts,bshd->bthd', p / p.sum(-1, keepdims=True), v)
+
+
+def favor_error(m, seed, orthogonal, q, k, v):
+  w = performer.draw(jax.random.key(seed), m, q.shape[-1], orthogonal=orthogonal)
+  got = np.asarray(performer.attend(q, k, v, mask=Mask(), projection=w), np.float64)
+  want = softmax_attention(*(np.asarray(x, np.float64) for x in (q, k, v)))
+  return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def test_favor_approximates_softmax_attention_and_improves_with_m():
+  """Lemma 2: one kernel entry has relative standard deviation sqrt((exp(|x + y|^2) - 1) / M),
+  x, y the H^(-1/4)-scaled query and key. Output errors are ratios of sums of such entries; to first
+  order their relative error is at most twice the largest entry's, so 3 sigma of that is the bound."""
+  h, t = 16, 64
+  q, k, v = _arrays((1, t, 2, h), (1, t, 2, h), (1, t, 2, h), seed=7, scale=0.5)
+  x, y = np.asarray(q) * h ** -0.25, np.asarray(k) * h ** -0.25
+  worst = np.max(np.sum((x[:, :, None] + y[:, None]) ** 2, -1))
+  for m in (256, 4096):
+    bound = 3 * 2 * np.sqrt(np.expm1(worst) / m)
+    err = np.mean([favor_error(m, s, True, q, k, v) for s in range(3)])
+    assert err < bound, (m, err, bound)
+  small = np.mean([favor_error(64, s, True, q, k, v) for s in range(4)])
+  large = np.mean([favor_error(4096, s, True, q, k, v) for s in range(4)])
+  assert large < small / 4, (small, large)  # sqrt(4096 / 64) = 8 in expectation.
+
+
+def test_orthogonal_features_beat_iid():
+  """Kernel estimates phi(x) . phi(y) of exp(x . y) (Sec. 2.4, Theorem 2): lower mean squared
+  error with orthogonal rows than with iid rows at equal M = 2H, over 200 draws."""
+  h, t, m = 16, 32, 32
+  x, y = (np.asarray(a, np.float64) * h ** -0.25
+          for a in _arrays((1, t, 2, h), (1, t, 2, h), seed=8, scale=0.4))
+  true = np.exp(np.einsum('btnh,bsnh->bnts', x, y))
+
+  def mse(orthogonal):
+    errors = []
+    for seed in range(200):
+      w = np.asarray(performer.draw(jax.random.key(seed), m, h, orthogonal=orthogonal), np.float64)
+      est = np.einsum('btnm,bsnm->bnts', favor(x * h ** 0.25, w), favor(y * h ** 0.25, w))
+      errors.append(np.mean((est - true) ** 2))
+    return np.mean(errors)
+
+  orth, iid = mse(True), mse(False)
+  assert orth < 0.9 * iid, (orth, iid)
+
+
+def test_orthogonal_rows_are_orthogonal_within_blocks_with_chi_norms():
+  w = np.asarray(performer.draw(jax.random.key(0), 40, 16, orthogonal=True))
+  assert w.shape == (40, 16)
+  for block in (w[:16], w[16:32]):
+    gram = block @ block.T
+    np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-4)
+  norms = np.linalg.norm(np.asarray(performer.draw(jax.random.key(1), 4096, 16, orthogonal=True)),
+                         axis=1)
+  assert abs(np.mean(norms ** 2) - 16) < 1.0  # chi(16): E|w|^2 = H.
+
+
+# Errors.
+
+
+@pytest.mark.parametrize('call, match', [
+    (lambda q: linear.attend(q, q, q, mask=Mask(), feature_map='tanh'),
+     r"feature_map='tanh'; valid: \['elu', 'relu'\]"),
+    (lambda q: linear.attend(q, q, q, mask=Mask(causal=True), chunk=0),
+     r'chunk=0 must be a positive integer'),
+    (lambda q: performer.attend(q, q, q, mask=Mask(), projection=jnp.ones((4, H)), kernel='cos'),
+     r"kernel='cos'; valid: \['softmax', 'relu'\]"),
+    (lambda q: performer.draw(jax.random.key(0), 0, H, orthogonal=True),
+     r'nb_features=0 must be a positive integer'),
+    (lambda q: performer.attend(q, q, q, mask=Mask(), projection=jnp.ones((4, 3))),
+     r'projection has shape \(4, 3\); expected \[M, H=4\]'),
+])
+def test_bad_input_is_one_clear_line(call, match):
+  q = jnp.ones((1, 6, 2, H))
+  with pytest.raises(ValueError, match=match) as info:
+    call(q)
+  assert '\n' not in str(info.value)
