@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 from absl import app, flags
+from flax import nnx
 
 from efflong import attention
 from efflong.attention import Mask
@@ -55,6 +56,8 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     'fixed': {'block': 256, 'summary': 8},
     # BigBird's window counts blocks of `block` tokens on each side: 4 x 64 = 256 tokens.
     'bigbird': {'window': 4, 'block': 64, 'global_tokens': 64, 'random_blocks': 3},
+    'linear': {},
+    'performer': {'nb_features': 256},
 }
 _BATCH, _HEADS, _HEAD_DIM = 1, 4, 64
 _MIB, _GIB = 2**20, 2**30
@@ -82,15 +85,21 @@ def measure(name: str, length: int) -> dict[str, Any]:
   """Compiles, warms up and times fwd+bwd of family `name` at T=length in this process."""
   device = jax.devices()[0]
   rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  attend = attention.get(name).bind(causal=_CAUSAL.value, **_FAMILIES[name])
+  family = attention.get(name)
+  attend = family.bind(causal=_CAUSAL.value, **_FAMILIES[name])
   mask = Mask(causal=_CAUSAL.value)
-
-  def loss(q: jax.Array, k: jax.Array, v: jax.Array, cotangent: jax.Array) -> jax.Array:
-    return jnp.sum(attend(q, k, v, mask=mask) * cotangent)
-
   shape = (_BATCH, length, _HEADS, _HEAD_DIM)
   q, k, v, cotangent = (jax.random.normal(key, shape, jnp.float32)
                         for key in jax.random.split(jax.random.key(0), 4))
+  # The family's module (performer's feature matrix, ...) makes its inputs once, outside the timing.
+  module = family.make_module(_FAMILIES[name], d_model=_HEADS * _HEAD_DIM, num_heads=_HEADS,
+                              num_kv_heads=_HEADS, head_dim=_HEAD_DIM, dtype=jnp.float32,
+                              rngs=nnx.Rngs(0))
+  inputs = {} if module is None else module(q.reshape(_BATCH, length, -1))
+
+  def loss(q: jax.Array, k: jax.Array, v: jax.Array, cotangent: jax.Array) -> jax.Array:
+    return jnp.sum(attend(q, k, v, mask=mask, **inputs) * cotangent)
+
   row = {'family': name, 'length': length,
          'device': f'{jax.default_backend()}: {len(jax.devices())} x {device.device_kind}'}
 
