@@ -16,6 +16,8 @@ Arguments (comma separated, e.g. `configs/duplication.py:attention=dense,seq_len
   layers      number of layers (default 2)
   smoke       tiny model, a few steps: what the tests run
   families    selects the families sweep; no effect on the config
+  fill        the bidirectional variant (task.fill): blanks in place of the second w, an encoder
+              predicts each in place; for families that cannot be causal (linformer)
 Sweeps (`./launch.sh sweep --config=configs/duplication.py:<arg>`):
   smoke, or no arg: seq_len x layers.
   families: every sparse family against dense at seq_len 64. Copying needs a path from position
@@ -32,7 +34,7 @@ import ml_collections
 
 from efflong import config as config_lib
 
-ARGS = dict(attention='dense', seq_len=64, layers=2, smoke=False, families=False)
+ARGS = dict(attention='dense', seq_len=64, layers=2, smoke=False, families=False, fill=False)
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -40,11 +42,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = config_lib.base('duplication')
   c.task.seq_len = args['seq_len']
   c.task.vocab_size = 128
+  c.task.fill = args['fill']
   config_lib.set_attention(c, args['attention'])
   c.model.attention_kw.update(family_kw(args['attention'], args['seq_len'], num_heads=2 if
                                         args['smoke'] else 4))
 
-  c.model.kind = 'lm'
+  c.model.kind = 'encoder' if args['fill'] else 'lm'
   c.model.num_layers = args['layers']
   c.model.d_model = 128
   c.model.num_heads = 4
@@ -79,6 +82,7 @@ def family_kw(name: str, seq_len: int, *, num_heads: int) -> dict:
       'strided': dict(stride=half),
       'fixed': dict(block=half, summary=4),
       'bigbird': dict(block=8, window=1, random_blocks=2, global_tokens=2),
+      'linformer': dict(k=max(1, seq_len // 8)),
   }.get(name, {})
 
 
@@ -86,8 +90,13 @@ def get_sweep(arg: str = '') -> list[dict]:
   """seq_len x depth (how much harder copying gets with distance, and whether depth helps), or
   with `families` one point per attention family."""
   args = config_lib.parse_arg(arg, ARGS)
+  if args['families'] and args['fill']:
+    return [*({'arg': f'attention={name}'} for name in ('dense', 'linear', 'performer')),
+            *({'arg': 'attention=linformer', 'model.attention_kw.k': k}
+              for k in (args['seq_len'] // 8, args['seq_len']))]
   if args['families']:
     return [{'arg': f'attention={name}'}
-            for name in ('dense', 'local', 'longformer', 'strided', 'fixed', 'bigbird')]
+            for name in ('dense', 'local', 'longformer', 'strided', 'fixed', 'bigbird', 'linear',
+                         'performer')]
   seq_lens = (16, 32) if args['smoke'] else (64, 128, 256)
   return [{'task.seq_len': L, 'model.num_layers': n} for L in seq_lens for n in (1, 2)]

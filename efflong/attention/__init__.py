@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import jax
 
-from efflong.attention import bigbird, dense, linear, local, longformer, performer, sparse
+from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, performer,
+                               sparse)
 from efflong.attention.mask import Mask
 
 AttendFn = Callable[..., Any]
@@ -34,9 +35,12 @@ class Family:
     bidirectional: supports non-causal masks.
     inputs: keyword-only arguments of attend that are data made by `module`, not hyper-parameters.
     module: None, or a factory `module(hyper, *, <its own hyper-parameters>, d_model=, num_heads=,
-      num_kv_heads=, head_dim=, dtype=, rngs=)` returning None or an nnx.Module that owns the
-      family's parameters; `hyper` holds attend's hyper-parameters. The attention layer calls the
-      module on its input x [B, T, D] and passes the returned dict of `inputs` to attend.
+      num_kv_heads=, head_dim=, max_len=, stack_modules=, dtype=, rngs=)` returning None or an
+      nnx.Module that owns the family's parameters; `hyper` holds attend's hyper-parameters,
+      max_len the longest input the model was built for (or None), stack_modules a dict shared by
+      the layers of one stack (for a module shared across layers, or None). The attention layer
+      calls the module on its input x [B, T, D] and passes the returned dict of `inputs` to attend.
+    unsupported_why: why the masking direction it lacks (causal or bidirectional) is refused.
     before_step: None, or `before_step(model, key, step)`, run by the trainer inside every train
       step before the forward pass; it updates the family's module state in place (e.g. redraws
       random features). It must leave models without the family's modules unchanged.
@@ -49,6 +53,7 @@ class Family:
   inputs: tuple[str, ...] = ()
   module: Callable[..., Any] | None = None
   before_step: Callable[..., None] | None = None
+  unsupported_why: str = ''
 
   def hyper_parameters(self) -> dict[str, tuple[inspect.Parameter, Any]]:
     """name -> (parameter, type hint): attend's keyword-only parameters (less mask and inputs),
@@ -86,10 +91,11 @@ class Family:
                      if p.default is inspect.Parameter.empty and hyper.get(name) is None)
     if missing:
       raise ValueError(f'attention {self.name!r} needs {missing} set (model.attention_kw).')
+    why = f': {self.unsupported_why}' if self.unsupported_why else ''
     if causal and not self.causal:
-      raise ValueError(f'attention {self.name!r} does not support causal masking.')
+      raise ValueError(f'attention {self.name!r} does not support causal masking{why}.')
     if not causal and not self.bidirectional:
-      raise ValueError(f'attention {self.name!r} does not support bidirectional attention.')
+      raise ValueError(f'attention {self.name!r} does not support bidirectional attention{why}.')
     own = self._module_names()
     return functools.partial(self.attend, **{k: v for k, v in hyper.items() if k not in own})
 
@@ -102,7 +108,8 @@ class Family:
                        **{k: v for k, v in hyper.items() if k in own}, **layer)
 
 
-_LAYER_ARGS = frozenset({'d_model', 'num_heads', 'num_kv_heads', 'head_dim', 'dtype', 'rngs'})
+_LAYER_ARGS = frozenset({'d_model', 'num_heads', 'num_kv_heads', 'head_dim', 'max_len',
+                         'stack_modules', 'dtype', 'rngs'})
 _REGISTRY: dict[str, Family] = {}
 
 
@@ -143,5 +150,7 @@ register(Family('bigbird', bigbird.attend))
 register(Family('linear', linear.attend))
 register(Family('performer', performer.attend, inputs=('projection',),
                 module=performer.feature_matrix, before_step=performer.redraw))
+register(Family('linformer', linformer.attend, causal=False, inputs=('proj_k', 'proj_v'),
+                module=linformer.projections, unsupported_why=linformer.CAUSAL_WHY))
 
 __all__ = ['Family', 'Mask', 'get', 'names', 'register']

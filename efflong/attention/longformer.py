@@ -149,8 +149,12 @@ class GlobalProjections(nnx.Module):
     return {'global_qkv': (self.q(x), self.k(x), self.v(x))}
 
 
-def global_projections(hyper: dict[str, Any], **layer: Any) -> GlobalProjections | None:
+def global_projections(hyper: dict[str, Any], *, d_model: int, num_heads: int, num_kv_heads: int,
+                       head_dim: int, dtype: Dtype, rngs: nnx.Rngs,
+                       **layer: Any) -> GlobalProjections | None:
   """The family module: projections when there are global slots and separate_global is on."""
+  del layer
   if not hyper.get('global_tokens') or not hyper.get('separate_global', True):
     return None
-  return GlobalProjections(**layer)
+  return GlobalProjections(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                           head_dim=head_dim, dtype=dtype, rngs=rngs)

@@ -68,7 +68,8 @@ class LanguageModel(nnx.Module):
                attention_kw: dict, causal: bool = True, rngs: nnx.Rngs, **unused_task):
     dtype = jnp.dtype(cfg.dtype)
     self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs)
-    self.stack = Stack(cfg, causal=causal, attention_kw=attention_kw, dtype=dtype, rngs=rngs)
+    self.stack = Stack(cfg, causal=causal, max_len=max_len, attention_kw=attention_kw, dtype=dtype,
+                       rngs=rngs)
 
   def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
     keys = [None, None] if key is None else list(jax.random.split(key))
@@ -92,8 +93,10 @@ class EncoderDecoder(nnx.Module):
                attention_kw: dict, rngs: nnx.Rngs, **unused_task):
     dtype = jnp.dtype(cfg.dtype)
     self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs)
-    self.encoder = Stack(cfg, causal=False, attention_kw=attention_kw, dtype=dtype, rngs=rngs)
-    self.decoder = Stack(cfg, causal=True, cross=True, attention_kw=attention_kw, dtype=dtype,
+    self.encoder = Stack(cfg, causal=False, max_len=max_len, attention_kw=attention_kw,
+                         dtype=dtype, rngs=rngs)
+    self.decoder = Stack(cfg, causal=True, cross=True, max_len=max_len,
+                         attention_kw=attention_kw, dtype=dtype,
                          rngs=rngs)
 
   def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
@@ -121,7 +124,8 @@ class Classifier(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.pooling = cfg.pooling
     self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs, logits=False)
-    self.encoder = Stack(cfg, causal=False, attention_kw=attention_kw, dtype=dtype, rngs=rngs)
+    self.encoder = Stack(cfg, causal=False, max_len=max_len, attention_kw=attention_kw,
+                         dtype=dtype, rngs=rngs)
     self.head = dense(cfg.d_model, num_classes, ('embed', None), dtype=dtype, rngs=rngs)
 
   def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:

@@ -18,7 +18,8 @@ class Block(nnx.Module):
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, causal: bool, cross: bool,
-               attention_kw: dict, dtype: Dtype, rngs: nnx.Rngs):
+               attention_kw: dict, max_len: int | None = None, stack_modules: dict | None = None,
+               dtype: Dtype, rngs: nnx.Rngs):
     d = cfg.d_model
     if d % cfg.num_heads:
       raise ValueError(f'model.d_model={d} is not divisible by model.num_heads={cfg.num_heads}.')
@@ -26,7 +27,8 @@ class Block(nnx.Module):
     self.dropout_rate = cfg.dropout_rate
     attn = dict(d_model=d, num_heads=cfg.num_heads, head_dim=d // cfg.num_heads,
                 num_kv_heads=cfg.num_kv_heads, dtype=dtype, rngs=rngs)
-    self.self_attn = Attention(family=cfg.attention, family_kw=attention_kw, causal=causal, **attn)
+    self.self_attn = Attention(family=cfg.attention, family_kw=attention_kw, causal=causal,
+                               max_len=max_len, stack_modules=stack_modules, **attn)
     self.self_norm = layer_norm(d, dtype=dtype, rngs=rngs)
     # Cross-attention reads a full encoder output: dense, bidirectional.
     self.cross_attn = Attention(family='dense', causal=False, **attn) if cross else None
@@ -60,16 +62,18 @@ class Block(nnx.Module):
 
 
 class Stack(nnx.Module):
-  """num_layers blocks, with a final norm for pre-LN stacks."""
+  """num_layers blocks, with a final norm for pre-LN stacks; max_len: the longest input."""
 
   NORMS = ('pre', 'post')
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, causal: bool, cross: bool = False,
-               attention_kw: dict, dtype: Dtype, rngs: nnx.Rngs):
+               max_len: int | None = None, attention_kw: dict, dtype: Dtype, rngs: nnx.Rngs):
     if cfg.norm not in self.NORMS:
       raise ValueError(f'unknown model.norm {cfg.norm!r}; valid: {list(self.NORMS)}.')
+    stack_modules = {}  # Family modules shared by all layers (e.g. Linformer's layerwise E).
     self.layers = nnx.List([Block(cfg, causal=causal, cross=cross, attention_kw=attention_kw,
-                                  dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+                                  max_len=max_len, stack_modules=stack_modules, dtype=dtype,
+                                  rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = layer_norm(cfg.d_model, dtype=dtype, rngs=rngs) if cfg.norm == 'pre' else None
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, key: jax.Array | None,

@@ -58,6 +58,7 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     'bigbird': {'window': 4, 'block': 64, 'global_tokens': 64, 'random_blocks': 3},
     'linear': {},
     'performer': {'nb_features': 256},
+    'linformer': {'k': 256},
 }
 _BATCH, _HEADS, _HEAD_DIM = 1, 4, 64
 _MIB, _GIB = 2**20, 2**30
@@ -93,8 +94,8 @@ def measure(name: str, length: int) -> dict[str, Any]:
                         for key in jax.random.split(jax.random.key(0), 4))
   # The family's module (performer's feature matrix, ...) makes its inputs once, outside the timing.
   module = family.make_module(_FAMILIES[name], d_model=_HEADS * _HEAD_DIM, num_heads=_HEADS,
-                              num_kv_heads=_HEADS, head_dim=_HEAD_DIM, dtype=jnp.float32,
-                              rngs=nnx.Rngs(0))
+                              num_kv_heads=_HEADS, head_dim=_HEAD_DIM, max_len=length,
+                              stack_modules={}, dtype=jnp.float32, rngs=nnx.Rngs(0))
   inputs = {} if module is None else module(q.reshape(_BATCH, length, -1))
 
   def loss(q: jax.Array, k: jax.Array, v: jax.Array, cotangent: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from efflong import attention
+from efflong.attention import linformer
 from efflong import config as config_lib
 from efflong import models
 from efflong.nn.blocks import Block
@@ -513,7 +514,8 @@ def family_model(name: str, kind: str = 'lm', **attention_kw) -> nnx.Module:
   return models.build(config, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize('name', [n for n in attention.names() if n != 'dense'])
+@pytest.mark.parametrize('name', [n for n in attention.names()
+                                  if n != 'dense' and attention.get(n).causal])
 def test_every_family_builds_from_config_alone_and_stays_causal(name):
   """configs/duplication.py:attention=<name> gives a causal lm; only longformer and performer own a
   family module (global projections, the feature matrix)."""
@@ -524,6 +526,19 @@ def test_every_family_builds_from_config_alone_and_stays_causal(name):
   out = run(model, inputs=variants(base, (0, T // 2)))
   assert moved(out, 1)[:T // 2].max() < ATOL and moved(out, 1)[T // 2] > MOVED
   assert moved(out, 0)[1:].max() > MOVED
+
+
+@pytest.mark.parametrize('share', ['none', 'layerwise'])
+def test_linformer_encoder_builds_from_config_and_refuses_the_lm(share):
+  """Bidirectional: every output moves with any token; one E for all layers when layerwise."""
+  model = family_model('linformer', 'encoder', k=4, share=share)
+  projections = [m for _, m in nnx.iter_graph(model) if isinstance(m, linformer.Projections)]
+  assert len(projections) == (1 if share == 'layerwise' else 2)
+  base = tokens()[0]
+  out = run(model, inputs=variants(base, (T - 1,)))
+  assert moved(out, 0).min() > MOVED
+  with pytest.raises(ValueError, match="'linformer' does not support causal masking: its proj"):
+    family_model('linformer', k=4)
 
 
 def test_global_tokens_from_the_batch():

@@ -25,6 +25,16 @@ def test_example_is_0w0w_scored_on_the_second_w():
   np.testing.assert_array_equal(targets[weights > 0], w)
 
 
+def test_fill_variant_blanks_the_second_w_and_scores_it_in_place():
+  ex = make_example(seed=0, stream=0, index=5, seq_len=12, vocab_size=8, fill=True)
+  plain = make_example(seed=0, stream=0, index=5, seq_len=12, vocab_size=8)['inputs']
+  np.testing.assert_array_equal(ex['inputs'], np.concatenate([plain[:7], np.zeros(5)]))
+  np.testing.assert_array_equal(ex['targets'], plain)
+  np.testing.assert_array_equal(np.nonzero(ex['weights'])[0], np.arange(7, 12))
+  # Each scored token sits L/2 = 6 positions earlier in the input.
+  np.testing.assert_array_equal(ex['targets'][7:], ex['inputs'][1:6])
+
+
 def test_examples_are_a_function_of_seed_and_index():
   a = make_example(0, 0, 7, 12, 8)['inputs']
   np.testing.assert_array_equal(a, make_example(0, 0, 7, 12, 8)['inputs'])

@@ -15,9 +15,11 @@ def load_config_module(name: str):
 
 
 def smoke_config(*, dropout_rate: float = 0.0, dtype: str = 'float32', attention: str = 'dense',
-                 attention_kw: dict | None = None, **train) -> ml_collections.ConfigDict:
-  """The duplication smoke config, logging every step, with train.* overrides."""
-  config = load_config_module('duplication').get_config(f'smoke,attention={attention}')
+                 attention_kw: dict | None = None, arg: str = '',
+                 **train) -> ml_collections.ConfigDict:
+  """The duplication smoke config (plus config argument `arg`), logging every step, with train.*
+  overrides."""
+  config = load_config_module('duplication').get_config(f'smoke,attention={attention},{arg}')
   with config.unlocked():
     config.model.attention_kw.update(attention_kw or {})
     config.model.dropout_rate = dropout_rate

@@ -58,14 +58,17 @@ class _SignalAt:
     return ds.map_with_index(maybe_signal)
 
 
-@pytest.mark.parametrize('attention, attention_kw', [
-    ('dense', None),
+@pytest.mark.parametrize('attention, attention_kw, arg', [
+    ('dense', None, ''),
     # Redraws at steps 3, 6, 9 | 12, ...: the resumed run must restore the step-9 features.
-    ('performer', {'redraw_every': 3, 'nb_features': 8}),
+    ('performer', {'redraw_every': 3, 'nb_features': 8}, ''),
+    # One E shared by both layers: a module shared across layers must checkpoint and restore.
+    ('linformer', {'share': 'layerwise', 'k': 4}, 'fill'),
 ])
-def test_resume_is_bitwise_exact(tmp_path, monkeypatch, attention, attention_kw):
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch, attention, attention_kw, arg):
   """20 steps straight == a run killed by SIGTERM at step 10 and restarted, bitwise on the CPU."""
-  config = smoke_config(steps=20, dropout_rate=0.1, attention=attention, attention_kw=attention_kw)
+  config = smoke_config(steps=20, dropout_rate=0.1, attention=attention, attention_kw=attention_kw,
+                        arg=arg)
   trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
   straight = losses(tmp_path / 'straight')
 
