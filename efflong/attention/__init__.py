@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import jax
 
-from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, performer,
-                               sparse)
+from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, lsh,
+                               performer, sparse)
 from efflong.attention.mask import Mask
 
 AttendFn = Callable[..., Any]
@@ -41,6 +41,8 @@ class Family:
       the layers of one stack (for a module shared across layers, or None). The attention layer
       calls the module on its input x [B, T, D] and passes the returned dict of `inputs` to attend.
     unsupported_why: why the masking direction it lacks (causal or bidirectional) is refused.
+    shared_qk: the keys are the queries (Reformer): the layer owns no key projection and passes
+      k = q; self-attention only.
     before_step: None, or `before_step(model, key, step)`, run by the trainer inside every train
       step before the forward pass; it updates the family's module state in place (e.g. redraws
       random features). It must leave models without the family's modules unchanged.
@@ -54,6 +56,7 @@ class Family:
   module: Callable[..., Any] | None = None
   before_step: Callable[..., None] | None = None
   unsupported_why: str = ''
+  shared_qk: bool = False
 
   def hyper_parameters(self) -> dict[str, tuple[inspect.Parameter, Any]]:
     """name -> (parameter, type hint): attend's keyword-only parameters (less mask and inputs),
@@ -150,6 +153,8 @@ register(Family('bigbird', bigbird.attend))
 register(Family('linear', linear.attend))
 register(Family('performer', performer.attend, inputs=('projection',),
                 module=performer.feature_matrix, before_step=performer.redraw))
+register(Family('lsh', lsh.attend, inputs=('rng',), module=lsh.hash_rng, before_step=lsh.reseed,
+                shared_qk=True))
 register(Family('linformer', linformer.attend, causal=False, inputs=('proj_k', 'proj_v'),
                 module=linformer.projections, unsupported_why=linformer.CAUSAL_WHY))
 

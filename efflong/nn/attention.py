@@ -35,7 +35,11 @@ class Attention(nnx.Module):
                  rngs=rngs)
     self.family_module = fam.make_module(family_kw or {}, **layer)
     self.q = head_projection(d_model, num_heads, head_dim, dtype=dtype, rngs=rngs)
-    self.k = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)
+    if fam.shared_qk and num_kv_heads != num_heads:
+      raise ValueError(f'attention {family!r} shares queries and keys: model.num_kv_heads='
+                       f'{num_kv_heads} must equal num_heads={num_heads} (or 0).')
+    self.k = (None if fam.shared_qk
+              else head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs))
     self.v = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)
     self.o = nnx.Einsum('BTNH,NHD->BTD', (num_heads, head_dim, d_model), dtype=dtype, rngs=rngs,
                         kernel_init=partitioned(nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
@@ -59,8 +63,12 @@ class Attention(nnx.Module):
       context, context_segment_ids = x, segment_ids
     elif global_tokens is not None:
       raise ValueError('global_tokens apply to self-attention, not cross-attention.')
+    elif self.k is None:
+      raise ValueError('shared-QK attention (lsh) is self-attention; it cannot read a context.')
     mask = Mask(causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=context_segment_ids,
                 global_tokens=global_tokens)
     inputs = {} if self.family_module is None else self.family_module(x)
-    out = self.attend(self.q(x), self.k(context), self.v(context), mask=mask, **inputs)
+    q = self.q(x)
+    k = q if self.k is None else self.k(context)
+    out = self.attend(q, k, self.v(context), mask=mask, **inputs)
     return self.o(out)

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from efflong import attention
-from efflong.attention import linformer
+from efflong.attention import linformer, lsh
 from efflong import config as config_lib
 from efflong import models
 from efflong.nn.blocks import Block
@@ -517,11 +517,13 @@ def family_model(name: str, kind: str = 'lm', **attention_kw) -> nnx.Module:
 @pytest.mark.parametrize('name', [n for n in attention.names()
                                   if n != 'dense' and attention.get(n).causal])
 def test_every_family_builds_from_config_alone_and_stays_causal(name):
-  """configs/duplication.py:attention=<name> gives a causal lm; only longformer and performer own a
-  family module (global projections, the feature matrix)."""
-  model = family_model(name)
+  """configs/duplication.py:attention=<name> gives a causal lm; only longformer, performer and lsh
+  own a family module (global projections, the feature matrix, the hashing key). lsh runs with
+  one chunk here: with several, a future token's bucket moves the chunk boundaries of the sort (see
+  efflong/attention/lsh.py); tests/attention/test_lsh.py probes that no weight reaches the future."""
+  model = family_model(name, **({'bucket_size': T} if name == 'lsh' else {}))
   projections = [path for path, _ in nnx.iter_graph(model) if 'family_module' in path]
-  assert bool(projections) == (name in ('longformer', 'performer')), projections
+  assert bool(projections) == (name in ('longformer', 'performer', 'lsh')), projections
   base = tokens()[0]
   out = run(model, inputs=variants(base, (0, T // 2)))
   assert moved(out, 1)[:T // 2].max() < ATOL and moved(out, 1)[T // 2] > MOVED
@@ -539,6 +541,18 @@ def test_linformer_encoder_builds_from_config_and_refuses_the_lm(share):
   assert moved(out, 0).min() > MOVED
   with pytest.raises(ValueError, match="'linformer' does not support causal masking: its proj"):
     family_model('linformer', k=4)
+
+
+def test_lsh_layers_share_queries_and_keys_and_get_fresh_hash_keys_each_step():
+  model = family_model('lsh')
+  assert all(layer.self_attn.k is None for layer in model.stack.layers)
+  hash_keys = lambda: [np.asarray(m.key[...]) for _, m in nnx.iter_graph(model)
+                       if isinstance(m, lsh.HashRng)]
+  before = hash_keys()
+  attention.before_step(model, jax.random.key(5), jnp.int32(1))
+  after = hash_keys()
+  assert len(after) == 2 and not np.array_equal(after[0], after[1])
+  assert all(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
 def test_global_tokens_from_the_batch():
