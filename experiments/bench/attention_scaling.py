@@ -59,6 +59,7 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     'linear': {},
     'performer': {'nb_features': 256},
     'linformer': {'k': 256},
+    'lsh': {'bucket_size': 64, 'n_hashes': 2},
 }
 _BATCH, _HEADS, _HEAD_DIM = 1, 4, 64
 _MIB, _GIB = 2**20, 2**30
