@@ -117,6 +117,8 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       tie_embeddings=False,
       pooling='mean',             # classifier: mean | first
       dtype='float32',            # compute dtype; parameters stay float32
+      reversible=False,           # reversible residual layers (pre-LN): activation memory flat in depth
+      ff_chunk_size=0,            # feed-forward over length chunks of this size (0: whole sequence)
   ))
   c.model.attention_kw = attention_defaults('dense')
 

@@ -6,6 +6,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from efflong.nn import reversible
 from efflong.nn.attention import Attention
 from efflong.nn.feedforward import FeedForward
 from efflong.nn.layers import Dtype, dropout, layer_norm
@@ -34,13 +35,25 @@ class Block(nnx.Module):
     self.cross_attn = Attention(family='dense', causal=False, **attn) if cross else None
     self.cross_norm = layer_norm(d, dtype=dtype, rngs=rngs) if cross else None
     self.ff = FeedForward(d, cfg.d_ff, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
-                          dtype=dtype, rngs=rngs)
+                          dtype=dtype, rngs=rngs, chunk_size=cfg.ff_chunk_size)
     self.ff_norm = layer_norm(d, dtype=dtype, rngs=rngs)
+
+  def _branch(self, x: jax.Array, norm: nnx.LayerNorm, f, key: jax.Array | None) -> jax.Array:
+    """The pre-LN residual branch: drop(f(norm(x)))."""
+    return dropout(f(norm(x)), self.dropout_rate, key)
 
   def _residual(self, x: jax.Array, norm: nnx.LayerNorm, f, key: jax.Array | None) -> jax.Array:
     if self.pre_ln:
-      return x + dropout(f(norm(x)), self.dropout_rate, key)
+      return x + self._branch(x, norm, f, key)
     return norm(x + dropout(f(x), self.dropout_rate, key))
+
+  def _attentions(self, segment_ids, global_tokens, context, context_segment_ids):
+    """The self- and cross-attention functions of h [B, T, D] (cross: None without a context)."""
+    self_fn = lambda h: self.self_attn(h, segment_ids=segment_ids, global_tokens=global_tokens)
+    cross_fn = None if self.cross_attn is None else (
+        lambda h: self.cross_attn(h, segment_ids=segment_ids, context=context,
+                                  context_segment_ids=context_segment_ids))
+    return self_fn, cross_fn
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, key: jax.Array | None,
                global_tokens: jax.Array | None = None, context: jax.Array | None = None,
@@ -50,15 +63,27 @@ class Block(nnx.Module):
     global_tokens: [B, T] bool tokens with full self-attention (longformer, bigbird), or None.
     """
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
-    x = self._residual(
-        x, self.self_norm,
-        lambda h: self.self_attn(h, segment_ids=segment_ids, global_tokens=global_tokens), keys[0])
-    if self.cross_attn is not None:
-      x = self._residual(
-          x, self.cross_norm,
-          lambda h: self.cross_attn(h, segment_ids=segment_ids, context=context,
-                                    context_segment_ids=context_segment_ids), keys[1])
+    self_fn, cross_fn = self._attentions(segment_ids, global_tokens, context, context_segment_ids)
+    x = self._residual(x, self.self_norm, self_fn, keys[0])
+    if cross_fn is not None:
+      x = self._residual(x, self.cross_norm, cross_fn, keys[1])
     return self._residual(x, self.ff_norm, lambda h: self.ff(h, key=keys[3]), keys[2])
+
+  def attention_delta(self, x: jax.Array, *, key: jax.Array | None, segment_ids: jax.Array | None,
+                      global_tokens: jax.Array | None = None, context: jax.Array | None = None,
+                      context_segment_ids: jax.Array | None = None) -> jax.Array:
+    """F of a reversible layer (pre-LN): what the attention sub-layers add to x [B, T, D]."""
+    keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+    self_fn, cross_fn = self._attentions(segment_ids, global_tokens, context, context_segment_ids)
+    delta = self._branch(x, self.self_norm, self_fn, keys[0])
+    if cross_fn is not None:
+      delta = delta + self._branch(x + delta, self.cross_norm, cross_fn, keys[1])
+    return delta
+
+  def ff_delta(self, x: jax.Array, *, key: jax.Array | None) -> jax.Array:
+    """G of a reversible layer (pre-LN): what the feed-forward sub-layer adds to x [B, T, D]."""
+    keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
+    return self._branch(x, self.ff_norm, lambda h: self.ff(h, key=keys[3]), keys[2])
 
 
 class Stack(nnx.Module):
@@ -70,6 +95,10 @@ class Stack(nnx.Module):
                max_len: int | None = None, attention_kw: dict, dtype: Dtype, rngs: nnx.Rngs):
     if cfg.norm not in self.NORMS:
       raise ValueError(f'unknown model.norm {cfg.norm!r}; valid: {list(self.NORMS)}.')
+    if cfg.reversible and cfg.norm != 'pre':
+      raise ValueError("model.reversible needs model.norm='pre' (a post-LN layer cannot be "
+                       'inverted from its output).')
+    self.reversible = cfg.reversible
     stack_modules = {}  # Family modules shared by all layers (e.g. Linformer's layerwise E).
     self.layers = nnx.List([Block(cfg, causal=causal, cross=cross, attention_kw=attention_kw,
                                   max_len=max_len, stack_modules=stack_modules, dtype=dtype,
@@ -79,7 +108,17 @@ class Stack(nnx.Module):
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, key: jax.Array | None,
                global_tokens: jax.Array | None = None, context: jax.Array | None = None,
                context_segment_ids: jax.Array | None = None) -> jax.Array:
-    """[B, T, D] -> [B, T, D]; the arguments as in Block."""
+    """[B, T, D] -> [B, T, D]; the arguments as in Block.
+
+    Reversible: both streams start as x, and the stack returns the mean of their outputs.
+    """
+    if self.reversible:
+      graphdef, params, rest = nnx.split(self, nnx.Param, ...)
+      run = reversible.make(graphdef, len(self.layers))
+      y1, y2 = run(params, rest, x, x, context,
+                   (segment_ids, global_tokens, context_segment_ids, key))
+      x = (y1 + y2) / 2
+      return x if self.final_norm is None else self.final_norm(x)
     for i, layer in enumerate(self.layers):
       layer_key = None if key is None else jax.random.fold_in(key, i)
       x = layer(x, segment_ids=segment_ids, key=layer_key, global_tokens=global_tokens,
