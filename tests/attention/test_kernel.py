@@ -5,21 +5,15 @@ forbids, and returns A v / (A 1 + EPS). Features for the reference are computed 
 the papers' formulas (for performer without the stabiliser, which must cancel).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from efflong.attention import Mask, linear, performer
+from tests.attention import arrays, close, vjp
 
 H = 4
-
-
-def _arrays(*shapes, seed=0, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(scale * rng.standard_normal(s), jnp.float32) for s in shapes)
 
 
 def _segments(kind, b, t):
@@ -46,24 +40,12 @@ def favor(x, w):
                 - 0.5 * np.sum(x * x, -1, keepdims=True)) / np.sqrt(w.shape[0])
 
 
-@functools.partial(jax.jit, static_argnames='fn')
-def _vjp(fn, args, dout):
-  out, vjp = jax.vjp(fn, *args)
-  return out, vjp(dout)
-
-
 def direct(qf, kf, v, allowed, eps=linear.EPS):
   """out [B, T, N, H] from features qf [B, T, N, M], kf [B, S, K, M] and allowed [B|1, T, S]."""
   n, kh = qf.shape[2], kf.shape[2]
   kf, v = jnp.repeat(kf, n // kh, axis=2), jnp.repeat(v, n // kh, axis=2)
   a = jnp.einsum('BTNM,BSNM->BNTS', qf, kf) * allowed[:, None]
   return jnp.einsum('BNTS,BSNH->BTNH', a, v) / (a.sum(-1).transpose(0, 2, 1)[..., None] + eps)
-
-
-def _close(got, want, what, rtol=1e-5):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  err, top = np.abs(got - want).max(), np.abs(want).max()
-  assert err <= rtol * top + 1e-7, f'{what}: max error {err:.3g} (max |reference| {top:.3g})'
 
 
 CASES = {
@@ -82,7 +64,7 @@ CASES = {
 @pytest.mark.parametrize('family', ['linear', 'performer'])
 def test_equals_the_direct_formula(family, name):
   b, t, n, kh, causal, segs, chunk = CASES[name]
-  q, k, v, dout = _arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H))
+  q, k, v, dout = arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H))
   mask = Mask.from_segments(_segments(segs, b, t), causal=causal)
   allowed = mask.materialize(t, t)
   if family == 'linear':
@@ -93,9 +75,9 @@ def test_equals_the_direct_formula(family, name):
     fn = lambda q, k, v: performer.attend(q, k, v, mask=mask, projection=w, chunk=chunk)
     feats = lambda q, k: (jnp.asarray(favor(q, w), jnp.float32), jnp.asarray(favor(k, w),
                                                                               jnp.float32))
-  out, grads = _vjp(fn, (q, k, v), dout)
+  out, grads = vjp(fn, (q, k, v), dout)
   eps = linear.EPS if family == 'linear' else 0.0   # FAVOR+ features are positive.
-  _close(out, direct(*feats(q, k), v, allowed, eps), 'out')
+  close(out, direct(*feats(q, k), v, allowed, eps), 'out')
   if family == 'linear':  # Gradients through the same phi, in jax.
     phi = linear.FEATURE_MAPS['elu']
     ref = lambda q, k, v: direct(phi(q), phi(k), v, allowed)
@@ -103,51 +85,51 @@ def test_equals_the_direct_formula(family, name):
     ref = lambda q, k, v: direct(performer.features(q, w, kernel='softmax', is_query=True),
                                  performer.features(k, w, kernel='softmax', is_query=False),
                                  v, allowed, eps)
-  _, want = _vjp(ref, (q, k, v), dout)
+  _, want = vjp(ref, (q, k, v), dout)
   for got, exp, what in zip(grads, want, 'qkv'):
-    _close(got, exp, f'd{what}')
+    close(got, exp, f'd{what}')
 
 
 @pytest.mark.parametrize('chunk', [3, 4, 32])
 def test_causal_chunks_equal_the_naive_prefix_sum(chunk):
   """S_i = cumsum_j phi(k_j) v_j^T over all T positions at once (O(T M H) memory)."""
   b, t, n = 2, 12, 2
-  q, k, v = _arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=3)
+  q, k, v = arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=3)
   qf, kf = linear.FEATURE_MAPS['elu'](q), linear.FEATURE_MAPS['elu'](k)
   s = jnp.cumsum(jnp.einsum('BTNM,BTNH->BTNMH', kf, v), axis=1)
   z = jnp.cumsum(kf, axis=1)
   want = (jnp.einsum('BTNM,BTNMH->BTNH', qf, s)
           / (jnp.einsum('BTNM,BTNM->BTN', qf, z)[..., None] + linear.EPS))
-  _close(linear.attend(q, k, v, mask=Mask(causal=True), chunk=chunk), want, f'chunk={chunk}')
+  close(linear.attend(q, k, v, mask=Mask(causal=True), chunk=chunk), want, f'chunk={chunk}')
 
 
 def test_recurrent_step_reproduces_the_causal_outputs():
   b, t, n, kh = 2, 9, 4, 2
-  q, k, v = _arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), seed=4)
+  q, k, v = arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), seed=4)
   want = linear.attend(q, k, v, mask=Mask(causal=True), chunk=4)
   state = linear.init_state(b, kh, H, H)
   for i in range(t):
     state, out = linear.step(state, q[:, i], k[:, i], v[:, i])
-    _close(out, want[:, i], f'token {i}')
+    close(out, want[:, i], f'token {i}')
 
 
 def test_relu_kernels():
   b, t, n = 1, 10, 2
-  q, k, v = _arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=5)
+  q, k, v = arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=5)
   mask = Mask(causal=True)
   allowed = mask.materialize(t, t)
   relu = lambda x: jnp.maximum(x, 0.0)
-  _close(linear.attend(q, k, v, mask=mask, feature_map='relu', chunk=4),
+  close(linear.attend(q, k, v, mask=mask, feature_map='relu', chunk=4),
          direct(relu(q), relu(k), v, allowed), 'linear relu')
   w = performer.draw(jax.random.key(2), 8, H, orthogonal=False)
   pf = lambda x: relu(jnp.einsum('BTNH,MH->BTNM', x * H ** -0.25, w)) * 8 ** -0.5
-  _close(performer.attend(q, k, v, mask=mask, projection=w, kernel='relu', chunk=4),
+  close(performer.attend(q, k, v, mask=mask, projection=w, kernel='relu', chunk=4),
          direct(pf(q), pf(k), v, allowed), 'performer relu')
 
 
 def test_padding_reaches_no_real_token():
   b, t, n = 1, 12, 2
-  q, k, v = _arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=6)
+  q, k, v = arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=6)
   seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3])
   for causal in (True, False):
     mask = Mask.from_segments(seg, causal=causal)
@@ -180,7 +162,7 @@ def test_favor_approximates_softmax_attention_and_improves_with_m():
   x, y the H^(-1/4)-scaled query and key. Output errors are ratios of sums of such entries; to first
   order their relative error is at most twice the largest entry's, so 3 sigma of that is the bound."""
   h, t = 16, 64
-  q, k, v = _arrays((1, t, 2, h), (1, t, 2, h), (1, t, 2, h), seed=7, scale=0.5)
+  q, k, v = arrays((1, t, 2, h), (1, t, 2, h), (1, t, 2, h), seed=7, scale=0.5)
   x, y = np.asarray(q) * h ** -0.25, np.asarray(k) * h ** -0.25
   worst = np.max(np.sum((x[:, :, None] + y[:, None]) ** 2, -1))
   for m in (256, 4096):
@@ -197,7 +179,7 @@ def test_orthogonal_features_beat_iid():
   error with orthogonal rows than with iid rows at equal M = 2H, over 200 draws."""
   h, t, m = 16, 32, 32
   x, y = (np.asarray(a, np.float64) * h ** -0.25
-          for a in _arrays((1, t, 2, h), (1, t, 2, h), seed=8, scale=0.4))
+          for a in arrays((1, t, 2, h), (1, t, 2, h), seed=8, scale=0.4))
   true = np.exp(np.einsum('btnh,bsnh->bnts', x, y))
 
   def mse(orthogonal):

@@ -10,39 +10,23 @@ from flax import nnx
 
 from efflong import attention
 from efflong.attention import Mask, dense, linformer
+from tests.attention import arrays, close, vjp
 
 H = 4
-
-
-def _arrays(*shapes, seed=0):
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
-
-
-@functools.partial(jax.jit, static_argnames='fn')
-def _vjp(fn, args, dout):
-  out, vjp = jax.vjp(fn, *args)
-  return out, vjp(dout)
-
-
-def _close(got, want, what, rtol=1e-5):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  err, top = np.abs(got - want).max(), np.abs(want).max()
-  assert err <= rtol * top + 1e-7, f'{what}: max error {err:.3g} (max |reference| {top:.3g})'
 
 
 @pytest.mark.parametrize('heads', ['shared', 'per_kv_head'])
 def test_identity_projections_with_k_equal_T_are_dense_attention(heads):
   """k = T and E = F = I: the projected keys are the keys (values and gradients)."""
   b, t, n, kh = 2, 9, 4, 2
-  q, k, v, dout = _arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H))
+  q, k, v, dout = arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H))
   eye = jnp.eye(t)[None].repeat(1 if heads == 'shared' else kh, axis=0)
   fn = lambda q, k, v: linformer.attend(q, k, v, mask=Mask(causal=False), proj_k=eye, proj_v=eye)
   ref = lambda q, k, v: dense.attend(q, k, v, mask=Mask(causal=False))
-  (out, grads), (want, wgrads) = _vjp(fn, (q, k, v), dout), _vjp(ref, (q, k, v), dout)
-  _close(out, want, 'out')
+  (out, grads), (want, wgrads) = vjp(fn, (q, k, v), dout), vjp(ref, (q, k, v), dout)
+  close(out, want, 'out')
   for got, exp, what in zip(grads, wgrads, 'qkv'):
-    _close(got, exp, f'd{what}')
+    close(got, exp, f'd{what}')
 
 
 def direct(q, k, v, seg, e, f):
@@ -79,8 +63,8 @@ CASES = {
 @pytest.mark.parametrize('name', list(CASES))
 def test_equals_a_direct_per_segment_evaluation(name):
   b, t, n, kh, t_max, p, segs, shared = CASES[name]
-  q, k, v, dout = _arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H))
-  e, f = _arrays(*[(1 if shared else kh, p, t_max)] * 2, seed=1)
+  q, k, v, dout = arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H))
+  e, f = arrays(*[(1 if shared else kh, p, t_max)] * 2, seed=1)
   seg = None
   if segs:
     seg = np.ones((b, t), np.int32)
@@ -95,19 +79,19 @@ def test_equals_a_direct_per_segment_evaluation(name):
   ref = lambda q, k, v: direct(q, k, v, seg, e, f)
   # Pad queries get zeros here and are left out of the reference (and of the cotangent).
   real = jnp.ones((b, t, 1, 1)) if seg is None else (seg > 0)[:, :, None, None].astype(jnp.float32)
-  (out, grads), (want, wgrads) = (_vjp(fn, (q, k, v), dout * real),
-                                  _vjp(ref, (q, k, v), dout * real))
-  _close(out * real, want, 'out')
+  (out, grads), (want, wgrads) = (vjp(fn, (q, k, v), dout * real),
+                                  vjp(ref, (q, k, v), dout * real))
+  close(out * real, want, 'out')
   np.testing.assert_array_equal(np.asarray(out * (1 - real)), 0.0)
   for got, exp, what in zip(grads, wgrads, 'qkv'):
-    _close(got, exp, f'd{what}')
+    close(got, exp, f'd{what}')
 
 
 def test_pads_and_other_sequences_never_reach_a_real_token():
   """Changing the pad tokens, or the other packed sequence, moves no output of a sequence."""
   b, t, n, kh, p = 1, 12, 2, 2, 4
-  q, k, v = _arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H))
-  e, f = _arrays((kh, p, t), (kh, p, t), seed=2)
+  q, k, v = arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H))
+  e, f = arrays((kh, p, t), (kh, p, t), seed=2)
   seg = jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2])
   attend = jax.jit(functools.partial(linformer.attend, mask=Mask.from_segments(seg, causal=False),
                                      proj_k=e, proj_v=f, segments=2))
@@ -157,7 +141,7 @@ def test_bad_module_hyper_parameters(kw, match):
 
 
 def test_bad_inputs_get_one_clear_line():
-  q, k, v = _arrays((1, 6, 2, H), (1, 6, 2, H), (1, 6, 2, H))
+  q, k, v = arrays((1, 6, 2, H), (1, 6, 2, H), (1, 6, 2, H))
   e = jnp.ones((1, 2, 5))
   cases = [
       (lambda: attention.get('linformer').bind(causal=True), 'does not support causal masking: its '

@@ -8,25 +8,9 @@ import numpy as np
 import pytest
 
 from efflong.attention import Mask, dense, lsh
+from tests.attention import arrays, close, vjp
 
 H = 8
-
-
-def _arrays(*shapes, seed=0):
-  rng = np.random.default_rng(seed)
-  return tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
-
-
-@functools.partial(jax.jit, static_argnames='fn')
-def _vjp(fn, args, dout):
-  out, vjp = jax.vjp(fn, *args)
-  return out, vjp(dout)
-
-
-def _close(got, want, what, rtol=1e-5):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  err, top = np.abs(got - want).max(), np.abs(want).max()
-  assert err <= rtol * top + 1e-7, f'{what}: max error {err:.3g} (max |reference| {top:.3g})'
 
 
 def _segments(kind, b, t):
@@ -74,15 +58,15 @@ CASES = {
 def test_one_chunk_is_shared_qk_dense_attention_with_the_self_mask(name, n_hashes):
   """bucket_size >= T: every round sees every key, so the rounds agree and LSH is exact."""
   b, t, n, kh, causal, segs = CASES[name]
-  q, v, dout = _arrays((b, t, n, H), (b, t, kh, H), (b, t, n, H))
+  q, v, dout = arrays((b, t, n, H), (b, t, kh, H), (b, t, n, H))
   mask = Mask.from_segments(_segments(segs, b, t), causal=causal)
   fn = lambda q, v: lsh.attend(q, q, v, mask=mask, rng=jax.random.key(0), n_hashes=n_hashes,
                                bucket_size=16)
   ref = lambda q, v: rounds(q, v, [mask.materialize(t, t)[:, None]], n // kh)
-  (out, grads), (want, wgrads) = _vjp(fn, (q, v), dout), _vjp(ref, (q, v), dout)
-  _close(out, want, 'out')
+  (out, grads), (want, wgrads) = vjp(fn, (q, v), dout), vjp(ref, (q, v), dout)
+  close(out, want, 'out')
   for got, exp, what in zip(grads, wgrads, 'qv'):
-    _close(got, exp, f'd{what}', rtol=2e-5)
+    close(got, exp, f'd{what}', rtol=2e-5)
 
 
 def chunk_masks(q, rng, mask, n_hashes, bucket_size, n_buckets):
@@ -120,7 +104,7 @@ MULTI = {
 @pytest.mark.parametrize('name', list(MULTI))
 def test_multi_round_equals_a_naive_evaluation(name):
   b, t, n, kh, causal, segs, n_hashes, bucket_size, n_buckets = MULTI[name]
-  q, v, dout = _arrays((b, t, n, H), (b, t, kh, H), (b, t, n, H), seed=1)
+  q, v, dout = arrays((b, t, n, H), (b, t, kh, H), (b, t, n, H), seed=1)
   mask = Mask.from_segments(_segments(segs, b, t), causal=causal)
   rng = jax.random.key(3)
   fn = lambda q, v: lsh.attend(q, q, v, mask=mask, rng=rng, n_hashes=n_hashes,
@@ -129,10 +113,10 @@ def test_multi_round_equals_a_naive_evaluation(name):
   allowed = chunk_masks(q, rng, mask, n_hashes, bucket_size, nb)
   assert any(not np.asarray(a).all() for a in allowed)    # the chunks really restrict attention
   ref = lambda q, v: rounds(q, v, allowed, n // kh)       # buckets fixed: same sort, grads via q
-  (out, grads), (want, wgrads) = _vjp(fn, (q, v), dout), _vjp(ref, (q, v), dout)
-  _close(out, want, 'out')
+  (out, grads), (want, wgrads) = vjp(fn, (q, v), dout), vjp(ref, (q, v), dout)
+  close(out, want, 'out')
   for got, exp, what in zip(grads, wgrads, 'qv'):
-    _close(got, exp, f'd{what}', rtol=2e-5)
+    close(got, exp, f'd{what}', rtol=2e-5)
 
 
 @pytest.mark.parametrize('causal', [True, False])
@@ -140,7 +124,7 @@ def test_no_weight_on_future_or_pad_keys(causal):
   """Changing the values of tokens from position 6 on (causal) or of pad tokens moves no output
   that must not see them. (Values only: a changed key re-hashes and re-sorts; see the notes.)"""
   b, t, n = 2, 16, 2
-  q, v = _arrays((b, t, n, H), (b, t, n, H), seed=2)
+  q, v = arrays((b, t, n, H), (b, t, n, H), seed=2)
   seg = None if causal else _segments('pad', b, t)
   changed = np.arange(t)[None] >= 6 if causal else np.asarray(seg) == 0   # [1|B, T]
   attend = jax.jit(functools.partial(lsh.attend, mask=Mask.from_segments(seg, causal=causal),
@@ -151,7 +135,7 @@ def test_no_weight_on_future_or_pad_keys(causal):
 
 
 def test_a_token_attends_to_itself_only_when_nothing_else_is_there():
-  q, v = _arrays((1, 8, 1, H), (1, 8, 1, H), seed=4)
+  q, v = arrays((1, 8, 1, H), (1, 8, 1, H), seed=4)
   out = lsh.attend(q, q, v, mask=Mask(causal=True), rng=jax.random.key(0), bucket_size=8)
   np.testing.assert_allclose(out[0, 0], v[0, 0], rtol=1e-6)   # Position 0 sees only itself.
   assert np.abs(np.asarray(out[0, 1] - v[0, 1])).max() > 1e-3
