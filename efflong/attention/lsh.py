@@ -33,16 +33,38 @@ from efflong.attention.mask import Mask
 SELF = -1e5  # A token's logit for itself: below any real logit, above a masked one.
 
 
+def factors(n_buckets: int, head_dim: int) -> tuple[int, ...]:
+  """Bucket factors (even): (n_buckets,), or (b1, b2) with b1 * b2 = n_buckets when n_buckets >
+  2 * head_dim, so hashing costs T (b1 + b2) / 2 rather than T n_buckets (paper, section 2: "for
+  a large number of buckets, we factorise the rotations")."""
+  if n_buckets <= 2 * head_dim:
+    return (n_buckets,)
+  pairs = [(d, n_buckets // d) for d in range(2, n_buckets, 2)
+           if n_buckets % d == 0 and (n_buckets // d) % 2 == 0]
+  if not pairs:
+    return (n_buckets,)
+  return min(pairs, key=lambda p: abs(p[0] - p[1]))
+
+
 def rotations(key: jax.Array, *, num_heads: int, n_hashes: int, head_dim: int,
               n_buckets: int) -> jax.Array:
-  """Random rotations R [N, R, H, n_buckets / 2], one per head and hash round."""
-  return jax.random.normal(key, (num_heads, n_hashes, head_dim, n_buckets // 2), jnp.float32)
+  """Random rotations R [N, R, H, sum(f / 2 for f in factors)], one per head and hash round."""
+  width = sum(f // 2 for f in factors(n_buckets, head_dim))
+  return jax.random.normal(key, (num_heads, n_hashes, head_dim, width), jnp.float32)
 
 
-def buckets(x: jax.Array, rot: jax.Array) -> jax.Array:
-  """Angular LSH: x [B, T, N, H], rot [N, R, H, n_buckets / 2] -> bucket ids [B, N, R, T] int32."""
+def buckets(x: jax.Array, rot: jax.Array, n_buckets: int) -> jax.Array:
+  """Angular LSH: x [B, T, N, H], rot from `rotations` -> bucket ids [B, N, R, T] int32.
+
+  Per factor f: argmax([x R_f; -x R_f]) in [0, f); the ids combine as digits (mixed radix).
+  """
   xr = jnp.einsum('BTNH,NRHU->BNRTU', x.astype(jnp.float32), rot)
-  return jnp.argmax(jnp.concatenate([xr, -xr], axis=-1), axis=-1).astype(jnp.int32)
+  bucket, start, radix = 0, 0, 1
+  for f in factors(n_buckets, x.shape[-1]):
+    part = xr[..., start:start + f // 2]
+    bucket = bucket + radix * jnp.argmax(jnp.concatenate([part, -part], axis=-1), axis=-1)
+    start, radix = start + f // 2, radix * f
+  return bucket.astype(jnp.int32)
 
 
 @jax.custom_vjp
@@ -75,9 +97,14 @@ def _look_back(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x, jnp.roll(x, 1, axis=3)], axis=4)
 
 
-def default_buckets(length: int, bucket_size: int) -> int:
-  """2 T / bucket_size, rounded up to an even number >= 2."""
-  return max(2, 2 * math.ceil(length / bucket_size))
+def default_buckets(length: int, bucket_size: int, head_dim: int) -> int:
+  """2 T / bucket_size rounded up to an even number >= 2; above 2 * head_dim, if it does not
+  factorise, rounded up further to a product of two even numbers near its square root."""
+  n = max(2, 2 * math.ceil(length / bucket_size))
+  if len(factors(n, head_dim)) == 2 or n <= 2 * head_dim:
+    return n
+  b1 = 2 * math.ceil(math.sqrt(n) / 2)
+  return b1 * 2 * math.ceil(n / b1 / 2)
 
 
 def check(n_hashes: int, bucket_size: int, n_buckets: int | None) -> None:
@@ -103,7 +130,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
     rng: the key the rotations are drawn from (a fresh one per training step).
     n_hashes: R, hash rounds.
     bucket_size: C, the chunk length.
-    n_buckets: buckets per round (even); default 2 T / bucket_size.
+    n_buckets: buckets per round (even); default 2 T / bucket_size (see `default_buckets`);
+      factorised above 2 H (see `factors`).
   Returns:
     [B, T, N, H]; a token that sees no key gets zeros.
   """
@@ -116,7 +144,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
   if mask.global_tokens is not None:
     raise ValueError("lsh attention has no global tokens, but the mask (the batch field "
                      "'global_tokens') sets some; use longformer or bigbird.")
-  n_buckets = default_buckets(t, bucket_size) if n_buckets is None else n_buckets
+  n_buckets = default_buckets(t, bucket_size, h) if n_buckets is None else n_buckets
   v = jnp.repeat(v, n // v.shape[2], axis=2)
   chunk = min(bucket_size, t)
   padded = -(-t // chunk) * chunk
@@ -129,7 +157,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
   k = k * jax.lax.rsqrt(jnp.sum(jnp.square(k.astype(jnp.float32)), -1, keepdims=True) + 1e-6
                         ).astype(k.dtype)
   rot = rotations(rng, num_heads=n, n_hashes=n_hashes, head_dim=h, n_buckets=n_buckets)
-  bucket = buckets(k, rot)                                            # [B, N, R, T]
+  bucket = buckets(k, rot, n_buckets)                                 # [B, N, R, T]
   pos = jnp.arange(padded, dtype=jnp.int32)
   perm = jnp.argsort(bucket * padded + pos, axis=-1).astype(jnp.int32)
   inverse = jnp.argsort(perm, axis=-1).astype(jnp.int32)

@@ -47,7 +47,8 @@ from flax import nnx
 from efflong import attention
 from efflong.attention import Mask
 
-# Hyper-parameters of each family in this benchmark; add a family here to measure it.
+# Hyper-parameters of each entry in this benchmark; add a family here to measure it. An entry is a
+# family name, optionally followed by '-<variant>' for another setting of the same family.
 _FAMILIES: dict[str, dict[str, Any]] = {
     'dense': {},
     'local': {'window': 256},
@@ -59,8 +60,13 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     'linear': {},
     'performer': {'nb_features': 256},
     'linformer': {'k': 256},
-    'lsh': {'bucket_size': 64, 'n_hashes': 2},
+    **{f'lsh-{r}': {'bucket_size': 64, 'n_hashes': r} for r in (1, 2, 4, 8)},
 }
+
+
+def _family(name: str) -> attention.Family:
+  """The registered family of a table entry ('lsh-4' -> lsh)."""
+  return attention.get(name.split('-')[0])
 _BATCH, _HEADS, _HEAD_DIM = 1, 4, 64
 _MIB, _GIB = 2**20, 2**30
 _PEAK_NOTES = {
@@ -87,7 +93,7 @@ def measure(name: str, length: int) -> dict[str, Any]:
   """Compiles, warms up and times fwd+bwd of family `name` at T=length in this process."""
   device = jax.devices()[0]
   rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  family = attention.get(name)
+  family = _family(name)
   attend = family.bind(causal=_CAUSAL.value, **_FAMILIES[name])
   mask = Mask(causal=_CAUSAL.value)
   shape = (_BATCH, length, _HEADS, _HEAD_DIM)
@@ -244,11 +250,11 @@ def main(argv: list[str]) -> None:
   # One fresh process per (family, T); this one never starts a backend (it would hold GPU memory).
   rows, notes = [], []
   for name in _FAMILY_NAMES.value:
-    if name not in attention.names():
+    if name.split('-')[0] not in attention.names():
       notes.append(f'{name}: skipped, not registered in efflong.attention')
       continue
     try:  # the table's hyper-parameters and the masking direction, checked without a backend
-      attention.get(name).bind(causal=_CAUSAL.value, **_FAMILIES[name])
+      _family(name).bind(causal=_CAUSAL.value, **_FAMILIES[name])
     except (TypeError, ValueError) as e:
       notes.append(f'{name}: skipped, {e}')
       continue

@@ -76,7 +76,8 @@ def chunk_masks(q, rng, mask, n_hashes, bucket_size, n_buckets):
   padded = -(-t // bucket_size) * bucket_size
   qp = jnp.pad(q, [(0, 0), (0, padded - t), (0, 0), (0, 0)])
   rot = lsh.rotations(rng, num_heads=n, n_hashes=n_hashes, head_dim=h, n_buckets=n_buckets)
-  bucket = np.asarray(lsh.buckets(qp / jnp.sqrt(jnp.sum(qp * qp, -1, keepdims=True) + 1e-6), rot))
+  bucket = np.asarray(lsh.buckets(qp / jnp.sqrt(jnp.sum(qp * qp, -1, keepdims=True) + 1e-6), rot,
+                                  n_buckets))
   chunks = padded // bucket_size
   base = np.asarray(mask.materialize(t, t))[:, None]                 # [B|1, 1, T, T]
   out = []
@@ -98,6 +99,7 @@ MULTI = {
     'causal_4_rounds': (2, 16, 2, 2, True, None, 4, 4, 4),
     'bidirectional_padded_T%bucket_2_rounds_gqa': (2, 13, 4, 2, False, 'pad', 2, 4, None),
     'causal_packed_2_chunks': (2, 8, 2, 2, True, 'packed', 2, 4, 6),
+    'bidirectional_factorised_36_buckets': (1, 24, 2, 2, False, None, 2, 4, 36),
 }
 
 
@@ -109,7 +111,7 @@ def test_multi_round_equals_a_naive_evaluation(name):
   rng = jax.random.key(3)
   fn = lambda q, v: lsh.attend(q, q, v, mask=mask, rng=rng, n_hashes=n_hashes,
                                bucket_size=bucket_size, n_buckets=n_buckets)
-  nb = n_buckets or lsh.default_buckets(t, bucket_size)
+  nb = n_buckets or lsh.default_buckets(t, bucket_size, H)
   allowed = chunk_masks(q, rng, mask, n_hashes, bucket_size, nb)
   assert any(not np.asarray(a).all() for a in allowed)    # the chunks really restrict attention
   ref = lambda q, v: rounds(q, v, allowed, n // kh)       # buckets fixed: same sort, grads via q
@@ -132,6 +134,17 @@ def test_no_weight_on_future_or_pad_keys(causal):
   moved = np.abs(np.asarray(attend(q, q, v + 5.0 * changed[..., None, None]) - attend(q, q, v)))
   blind = np.broadcast_to(~changed, (b, t))
   assert moved[blind].max() < 1e-6 and moved[~blind].max() > 1e-3
+
+
+def test_factorised_buckets_use_every_id():
+  """36 buckets at H = 8 hash as 6 x 6: ids cover 0..35, both digits vary."""
+  assert lsh.factors(36, H) == (6, 6) and lsh.factors(16, H) == (16,)
+  assert lsh.default_buckets(4096, 64, 64) == 128 and lsh.default_buckets(65536, 64, 64) == 2048
+  x = arrays((1, 4096, 1, H), seed=5)[0]
+  rot = lsh.rotations(jax.random.key(0), num_heads=1, n_hashes=1, head_dim=H, n_buckets=36)
+  assert rot.shape == (1, 1, H, 6)
+  ids = np.asarray(lsh.buckets(x, rot, 36))
+  assert ids.min() == 0 and ids.max() == 35 and len(np.unique(ids)) == 36
 
 
 def test_a_token_attends_to_itself_only_when_nothing_else_is_there():
