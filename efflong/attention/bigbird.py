@@ -12,7 +12,6 @@ The explicit pattern: i sees j when |i // C - j // C| <= w, or j // C is one of 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from efflong.attention import blocksparse, local, longformer

@@ -17,7 +17,8 @@ from flax import nnx
 
 
 def layer_fns(graphdef: nnx.GraphDef, num_layers: int):
-  """F_i(params, rest, x, context, aux) and G_i(params, rest, x, aux) for each layer i."""
+  """(F_i, G_i) for each layer i, both (params, rest, x, context, aux) -> [B, T, D]; G ignores
+  context. aux = (segment_ids, global_tokens, context_segment_ids, key)."""
 
   def branch(i, which):
     def fn(params, rest, x, context, aux):
@@ -70,13 +71,9 @@ def make(graphdef: nnx.GraphDef, num_layers: int):
       dp, dh = g_vjp(g2)
       g1, d_params = g1 + dh, _add(d_params, dp)
       # Y1 = X1 + F(X2): recover X1, send dY1 through F into X2, the parameters and the context.
-      if context is None:
-        f_out, f_vjp = jax.vjp(lambda p, h: f(p, rest, h, None, aux), params, x2)
-        dp, dh = f_vjp(g1)
-      else:
-        f_out, f_vjp = jax.vjp(lambda p, h, c: f(p, rest, h, c, aux), params, x2, context)
-        dp, dh, dc = f_vjp(g1)
-        d_context = _add(d_context, dc)
+      f_out, f_vjp = jax.vjp(lambda p, h, c: f(p, rest, h, c, aux), params, x2, context)
+      dp, dh, dc = f_vjp(g1)  # dc is None without a context.
+      d_context = _add(d_context, dc)
       x1 = y1 - f_out
       g2, d_params = g2 + dh, _add(d_params, dp)
       y1, y2 = x1, x2
