@@ -9,6 +9,7 @@ hash keys, random features) are explicit inputs, so the recomputation replays th
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -45,7 +46,7 @@ def forward(fns: Sequence, params: Any, rest: Any, x1: jax.Array, x2: jax.Array,
 
 
 def _add(a, b):
-  return b if a is None else jax.tree.map(jnp.add, a, b)
+  return a if b is None else jax.tree.map(jnp.add, a, b)
 
 
 def make(graphdef: nnx.GraphDef, num_layers: int):
@@ -62,9 +63,11 @@ def make(graphdef: nnx.GraphDef, num_layers: int):
 
   def run_bwd(res, grads):
     params, rest, y1, y2, context, aux = res
-    g1, g2 = grads
-    d_params = d_context = None
-    for f, g in reversed(fns):
+
+    def layer_bwd(i, carry):
+      """Layer i backward: (Y1, Y2, dY1, dY2, ...) -> (X1, X2, dX1, dX2, ...)."""
+      f, g = fns[i]
+      y1, y2, g1, g2, d_params, d_context = carry
       # Y2 = X2 + G(Y1): recover X2, send dY2 through G into Y1 and the parameters.
       g_out, g_vjp = jax.vjp(lambda p, h: g(p, rest, h, context, aux), params, y1)
       x2 = y2 - g_out
@@ -73,10 +76,18 @@ def make(graphdef: nnx.GraphDef, num_layers: int):
       # Y1 = X1 + F(X2): recover X1, send dY1 through F into X2, the parameters and the context.
       f_out, f_vjp = jax.vjp(lambda p, h, c: f(p, rest, h, c, aux), params, x2, context)
       dp, dh, dc = f_vjp(g1)  # dc is None without a context.
-      d_context = _add(d_context, dc)
       x1 = y1 - f_out
-      g2, d_params = g2 + dh, _add(d_params, dp)
-      y1, y2 = x1, x2
+      return x1, x2, g1, g2 + dh, _add(d_params, dp), _add(d_context, dc)
+
+    # A scan over the layers (a switch picks layer i's code) rather than an unrolled loop: the
+    # recomputation chain X_i <- Y_i does not depend on the gradients, and XLA otherwise schedules
+    # all of it first and keeps every layer's activations alive (memory linear in depth again).
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    carry = (y1, y2, *grads, zeros(params), zeros(context))
+    branches = [functools.partial(layer_bwd, i) for i in range(num_layers)]
+    carry, _ = jax.lax.scan(lambda c, i: (jax.lax.switch(i, branches, c), None), carry,
+                            jnp.arange(num_layers - 1, -1, -1))
+    _, _, g1, g2, d_params, d_context = carry
     return d_params, None, g1, g2, d_context, None
 
   run.defvjp(run_fwd, run_bwd)
