@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 import types
 import typing
 from typing import Any
@@ -141,6 +142,7 @@ def base(task_name: str) -> ml_collections.ConfigDict:
   ))
   c.eval = ml_collections.ConfigDict(dict(steps=4, batch_size=32))
   c.eval.attention_kw = attention_defaults('dense', inherit=True)
+  c.eval.variants = ml_collections.ConfigDict()  # {name: attention_kw overrides}: add_eval_variant
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding_rules = DEFAULT_RULES
   return c
@@ -151,3 +153,21 @@ def set_attention(c: ml_collections.ConfigDict, name: str) -> None:
   c.model.attention = name
   c.model.attention_kw = attention_defaults(name)
   c.eval.attention_kw = attention_defaults(name, inherit=True)
+  c.eval.variants = ml_collections.ConfigDict()
+
+
+def add_eval_variant(c: ml_collections.ConfigDict, name: str, **overrides: Any) -> None:
+  """Also evaluates every checkpoint with these attention_kw overrides, reported as
+  eval/<name>/<metric> (e.g. Reformer's Table 2: train with n_hashes=1, evaluate with 1, 2, 4, 8).
+
+  Call after set_attention; the overrides are checked against the family's hyper-parameters.
+  """
+  if not re.fullmatch(r'[\w.+-]+', name):
+    raise ValueError(f'eval variant name {name!r} must be letters, digits and ._+- only.')
+  kw = attention_defaults(c.model.attention, inherit=True)
+  unknown = sorted(set(overrides) - set(kw))
+  if unknown:
+    raise ValueError(f'eval variant {name!r}: unknown {c.model.attention} hyper-parameters '
+                     f'{unknown}; valid: {sorted(kw)}.')
+  kw.update(overrides)
+  c.eval.variants[name] = kw

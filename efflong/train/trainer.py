@@ -47,11 +47,17 @@ class TrainState:
   opt_state: optax.OptState
 
 
-def _eval_attention_kw(config: ml_collections.ConfigDict) -> dict:
-  """Training attention_kw updated by the eval-time overrides that are set (not None)."""
-  kw = config.model.attention_kw.to_dict()
-  kw.update({k: v for k, v in config.eval.attention_kw.to_dict().items() if v is not None})
-  return kw
+def _eval_attention_kws(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """{metric prefix: attention_kw} of each evaluation: 'eval' with eval.attention_kw, and
+  'eval/<name>' for each eval.variants entry, each the training attention_kw updated by the
+  overrides that are set (not None)."""
+  overrides = {'eval': config.eval.attention_kw,
+               **{f'eval/{name}': kw for name, kw in config.eval.variants.items()}}
+  kws = {}
+  for prefix, over in overrides.items():
+    kws[prefix] = config.model.attention_kw.to_dict()
+    kws[prefix].update({k: v for k, v in over.to_dict().items() if v is not None})
+  return kws
 
 
 def _split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -160,7 +166,7 @@ class Setup:
   batch_sharding: NamedSharding
   init: Any                      # () -> TrainState, created directly in `shardings`
   train_step: Any                # (state, batch) -> (state, metric sums, scalars); donates state
-  eval_step: Any                 # (params, model_state, batch) -> metric sums
+  eval_steps: dict[str, Any]     # {metric prefix: (params, model_state, batch) -> metric sums}
 
 
 def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Setup:
@@ -173,7 +179,6 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   # Abstract model -> shardings -> state created directly in them (no single-device copy).
   build = lambda kw=None: models.build(config, attention_kw=kw, rngs=nnx.Rngs(config.seed))
   graphdef, abs_params, abs_rest = _split(nnx.eval_shape(build))
-  eval_graphdef = _split(nnx.eval_shape(lambda: build(_eval_attention_kw(config))))[0]
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
                         model_state=abs_rest, opt_state=jax.eval_shape(tx.init, abs_params))
   shardings = sharding.state_shardings(abstract, mesh, rules)
@@ -189,10 +194,12 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   train_step = jax.jit(make_train_step(config, task, tx, graphdef),
                        in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, replicated, replicated), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(task, eval_graphdef),
+  eval_steps = {
+      prefix: jax.jit(make_eval_step(task, _split(nnx.eval_shape(lambda kw=kw: build(kw)))[0]),
                       in_shardings=(shardings.params, shardings.model_state, batch_sharding),
                       out_shardings=replicated)
-  return Setup(mesh, task, abstract, shardings, batch_sharding, init, train_step, eval_step)
+      for prefix, kw in _eval_attention_kws(config).items()}
+  return Setup(mesh, task, abstract, shardings, batch_sharding, init, train_step, eval_steps)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -207,8 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   cfg_t = config.train
   run = setup(config, devices)
-  task, batch_sharding, train_step, eval_step = (run.task, run.batch_sharding, run.train_step,
-                                                 run.eval_step)
+  task, batch_sharding, train_step = run.task, run.batch_sharding, run.train_step
 
   pidx, pcount = jax.process_index(), jax.process_count()
   train_iter = iter(task.train_dataset(pidx, pcount))
@@ -226,11 +232,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.message(f'Resumed from the checkpoint at step {start} in {ckpts.directory}.')
 
   def evaluate() -> dict[str, float]:
-    acc = Accumulator()
+    """The eval metrics of every evaluation (eval/..., eval/<variant>/...) on the same batches."""
+    accs = {prefix: Accumulator() for prefix in run.eval_steps}
     for local in task.eval_dataset(pidx, pcount):
-      acc.add(eval_step(state.params, state.model_state,
-                        sharding.global_batch(local, batch_sharding)))
-    return acc.means('eval')
+      batch = sharding.global_batch(local, batch_sharding)
+      for prefix, eval_step in run.eval_steps.items():
+        accs[prefix].add(eval_step(state.params, state.model_state, batch))
+    return {k: v for prefix, acc in accs.items() for k, v in acc.means(prefix).items()}
 
   interrupt = _Interrupt()
   pending: list[tuple[int, Any, Any]] = []  # per-step outputs not yet fetched from the device

@@ -23,27 +23,20 @@ On a GPU, set --memory_budget_gib to what the device holds.
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import pathlib
-import platform
-import re
 import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 from absl import app, flags
 from flax import nnx
 
+import benchlib
 from efflong import attention
 from efflong.attention import Mask
 
@@ -143,19 +136,8 @@ def measure(name: str, length: int) -> dict[str, Any]:
 def run_one(name: str, length: int) -> dict[str, Any]:
   """measure(name, length) in a fresh subprocess; a failure becomes the row's status."""
   print(f'{name} T={length}...', file=sys.stderr, flush=True)
-  row = {'family': name, 'length': length}
-  try:
-    child = subprocess.run([sys.executable, __file__, *sys.argv[1:], f'--one={name}:{length}'],
-                           capture_output=True, text=True, timeout=_TIMEOUT_S.value)
-  except subprocess.TimeoutExpired:
-    return {**row, 'status': f'timed out after {_TIMEOUT_S.value} s'}
-  if child.returncode == 0:
-    return json.loads(child.stdout.splitlines()[-1])
-  if child.returncode < 0:
-    return {**row, 'status': f'killed by signal {-child.returncode} (out of memory?)'}
-  lines = [line for line in child.stderr.splitlines() if line.strip()] or ['no message']
-  error = [line for line in lines if re.match(r'[\w.]+(Error|Exception)\b', line)] or lines
-  return {**row, 'status': f'failed ({child.returncode}): {error[-1].replace("|", "/")[:200]}'}
+  return benchlib.run_child(__file__, [*sys.argv[1:], f'--one={name}:{length}'],
+                            {'family': name, 'length': length}, _TIMEOUT_S.value)
 
 
 def cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -177,12 +159,8 @@ def report(rows: list[dict[str, Any]], notes: list[str], lengths: list[int]) -> 
   lines = [
       f'## Attention fwd+bwd scaling: batch {_BATCH}, {_HEADS} heads, head_dim {_HEAD_DIM}, '
       f'float32, {direction}\n',
-      f'- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}',
-      f'- command: `{shlex.join([os.path.relpath(sys.executable), *sys.argv])}`',
-      f'- machine: {platform.platform()}, {len(os.sched_getaffinity(0))} CPU cores available',
-      f'- device: {measured[0]["device"] if measured else "unknown (no run started a backend)"}',
-      f'- versions: python {platform.python_version()}, jax {jax.__version__}, jaxlib '
-      f'{jaxlib.__version__}, flax {flax.__version__}',
+      *benchlib.header(measured[0]['device'] if measured else
+                       'unknown (no run started a backend)'),
       f'- timing: median of {_REPEATS.value} calls after 1 warm-up call; memory budget '
       f'{_BUDGET_GIB.value:g} GiB of XLA memory analysis',
       '- hyper-parameters: ' + '; '.join(

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from efflong import config as config_lib
 from efflong import tasks
 from efflong.train import trainer
 from tests.train import smoke_config
@@ -129,14 +130,21 @@ def test_bfloat16_compute_trains(tmp_path):
   assert os.path.exists(tmp_path / 'bf16' / 'tensorboard')
 
 
-def test_eval_attention_kw_overrides_only_evaluation(tmp_path):
-  """config.eval.attention_kw changes the eval model (scale 0: uniform attention), not training."""
+def test_eval_overrides_and_variants_change_only_evaluation(tmp_path):
+  """eval.attention_kw changes the eval model (scale 0: uniform attention), not training; each eval
+  variant is evaluated on the same batches beside it, under eval/<name>/."""
   base = trainer.train_and_evaluate(smoke_config(steps=2), str(tmp_path / 'base'))
   config = smoke_config(steps=2)
   config.eval.attention_kw.scale = 0.0
+  config_lib.add_eval_variant(config, 'trained', scale=1 / np.sqrt(16))
+  config_lib.add_eval_variant(config, 'uniform', scale=0.0)
   other = trainer.train_and_evaluate(config, str(tmp_path / 'other'))
   assert losses(tmp_path / 'base') == losses(tmp_path / 'other')
   assert base['eval/loss'] != other['eval/loss']
+  assert other['eval/uniform/loss'] == other['eval/loss']
+  np.testing.assert_allclose(other['eval/trained/loss'], base['eval/loss'], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"eval variant 'x': unknown dense hyper-parameters \['window'\]"):
+    config_lib.add_eval_variant(smoke_config(steps=2), 'x', window=3)
 
 
 def test_performer_features_are_redrawn_by_the_trainer(tmp_path):
