@@ -18,6 +18,13 @@ Arguments (comma separated, e.g. `configs/duplication.py:attention=dense,seq_len
   families    selects the families sweep; no effect on the config
   fill        the bidirectional variant (task.fill): blanks in place of the second w, an encoder
               predicts each in place; for families that cannot be causal (linformer)
+  table2      Reformer's Table 2 at CPU scale: attention lsh (bucket_size L/8), 4000 steps, and
+              every checkpoint also evaluated with full attention and n_hashes 1, 2, 4, 8
+              (eval/full/*, eval/lsh-<n>/*; see `table2` below)
+  paper       the paper's own Table 2 setting, for GPU / TPU: seq_len 1024, 128 symbols, 1 layer,
+              d_model 256, d_ff 256, 4 heads, 150K steps (bucket_size 128, the paper's typical
+              chunk; its batch size for this task is not stated, 16 here as in the authors' trax
+              copy config); with the Table 2 evaluations
 Sweeps (`./launch.sh sweep --config=configs/duplication.py:<arg>`):
   smoke, or no arg: seq_len x layers.
   families: every sparse family against dense at seq_len 64. Copying needs a path from position
@@ -32,6 +39,9 @@ Sweeps (`./launch.sh sweep --config=configs/duplication.py:<arg>`):
     L/8, L. Expected (experiments/results/duplication_fill.md): dense, linformer k = 8 and 64 copy
     (1.0); linformer k = 2 cannot (0.59: 4 heads x 2 projected keys < 31 symbols); linear 0.998;
     performer 0.78.
+  table2: trains full attention (lsh with one chunk: shared-QK attention), lsh-1, lsh-2 and lsh-4
+    at seq_len 64, 2 layers (experiments/results/duplication.md has the 4 x 5 table beside the
+    paper's). For the paper's scale: `--config=configs/duplication.py:table2,paper`.
 """
 
 from __future__ import annotations
@@ -40,11 +50,23 @@ import ml_collections
 
 from efflong import config as config_lib
 
-ARGS = dict(attention='dense', seq_len=64, layers=2, smoke=False, families=False, fill=False)
+ARGS = dict(attention='dense', seq_len=64, layers=2, smoke=False, families=False, fill=False,
+            table2=False, paper=False)
+TABLE2_HASHES = (1, 2, 4, 8)  # the evaluation columns of Table 2 besides full attention
+
+
+def parse(arg: str) -> dict:
+  """The arguments, with what `table2` and `paper` imply."""
+  args = config_lib.parse_arg(arg, ARGS)
+  if args['table2'] or args['paper']:
+    args['attention'] = 'lsh'
+  if args['paper']:
+    args.update(seq_len=1024, layers=1)
+  return args
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(arg, ARGS)
+  args = parse(arg)
   c = config_lib.base('duplication')
   c.task.seq_len = args['seq_len']
   c.task.vocab_size = 128
@@ -69,6 +91,12 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.eval.steps = 4
   c.eval.batch_size = 64
 
+  if args['table2'] or args['paper']:
+    table2(c, args['seq_len'])
+  if args['paper']:
+    c.model.d_model, c.model.d_ff = 256, 256
+    c.train.steps, c.train.batch_size = 150_000, 16
+    c.train.eval_every = c.train.checkpoint_every = 5000
   if args['smoke']:
     c.model.d_model, c.model.num_heads, c.model.d_ff = 32, 2, 64
     c.train.steps, c.train.batch_size, c.train.warmup_steps = 6, 8, 2
@@ -93,10 +121,24 @@ def family_kw(name: str, seq_len: int, *, num_heads: int) -> dict:
   }.get(name, {})
 
 
+def table2(c: ml_collections.ConfigDict, seq_len: int) -> None:
+  """Reformer's Table 2 on c (attention='lsh'): every checkpoint is also evaluated with full
+  attention (eval/full/: one chunk, bucket_size = seq_len: exactly shared-QK attention with the
+  self-mask) and with n_hashes = 1, 2, 4, 8 at the trained bucket size (eval/lsh-<n>/)."""
+  bucket_size = family_kw('lsh', seq_len, num_heads=c.model.num_heads)['bucket_size']
+  c.train.steps = 4000
+  config_lib.add_eval_variant(c, 'full', bucket_size=seq_len, n_hashes=1)
+  for n in TABLE2_HASHES:
+    config_lib.add_eval_variant(c, f'lsh-{n}', bucket_size=bucket_size, n_hashes=n)
+
+
 def get_sweep(arg: str = '') -> list[dict]:
   """seq_len x depth (how much harder copying gets with distance, and whether depth helps), or
   with `families` one point per attention family."""
-  args = config_lib.parse_arg(arg, ARGS)
+  args = parse(arg)
+  if args['table2']:  # the training rows: full attention (one chunk), then n_hashes = 1, 2, 4
+    return [{'model.attention_kw.bucket_size': args['seq_len']},
+            *({'model.attention_kw.n_hashes': n} for n in (1, 2, 4))]
   if args['families'] and args['fill']:
     return [*({'arg': f'attention={name}'} for name in ('dense', 'linear', 'performer')),
             *({'arg': 'attention=linformer', 'model.attention_kw.k': k}

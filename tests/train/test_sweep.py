@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from efflong import sweep
+from tests.train import load_config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,3 +91,20 @@ def test_smoke_sweep_then_rerun_skips(tmp_path):
                          check=False)
   assert again.returncode == 0, again.stderr
   assert again.stdout.count('skipped ') == 4, again.stdout
+
+
+def test_table2_config_and_sweep():
+  """Reformer's Table 2: the four training rows, and the five evaluations of each checkpoint."""
+  module = load_config_module('duplication')
+  assert module.get_sweep('table2') == [{'model.attention_kw.bucket_size': 64},
+                                        *({'model.attention_kw.n_hashes': n} for n in (1, 2, 4))]
+  c = module.get_config('table2')
+  assert (c.model.attention, c.model.attention_kw.bucket_size) == ('lsh', 8)
+  assert {name: (v.bucket_size, v.n_hashes) for name, v in c.eval.variants.items()} == {
+      'full': (64, 1), 'lsh-1': (8, 1), 'lsh-2': (8, 2), 'lsh-4': (8, 4), 'lsh-8': (8, 8)}
+  paper = module.get_config('table2,paper')
+  m = paper.model
+  assert (paper.task.seq_len, paper.task.vocab_size, m.num_layers, m.d_model, m.d_ff, m.num_heads,
+          paper.train.steps) == (1024, 128, 1, 256, 256, 4, 150_000)
+  assert paper.eval.variants['full'].bucket_size == 1024
+  assert module.get_sweep('table2,paper')[0] == {'model.attention_kw.bucket_size': 1024}
