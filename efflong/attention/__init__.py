@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 
 from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, lsh,
-                               performer, sparse)
+                               performer, relative, sparse)
 from efflong.attention.mask import Mask
 
 AttendFn = Callable[..., Any]
@@ -43,6 +43,8 @@ class Family:
     unsupported_why: why the masking direction it lacks (causal or bidirectional) is refused.
     shared_qk: the keys are the queries (Reformer): the layer owns no key projection and passes
       k = q; self-attention only.
+    memory: the layer may prepend a segment memory to the keys (Transformer-XL): attend takes
+      S > T keys with the queries aligned at the end, and its positions are relative.
     before_step: None, or `before_step(model, key, step)`, run by the trainer inside every train
       step before the forward pass; it updates the family's module state in place (e.g. redraws
       random features). It must leave models without the family's modules unchanged.
@@ -57,6 +59,7 @@ class Family:
   before_step: Callable[..., None] | None = None
   unsupported_why: str = ''
   shared_qk: bool = False
+  memory: bool = False
 
   def hyper_parameters(self) -> dict[str, tuple[inspect.Parameter, Any]]:
     """name -> (parameter, type hint): attend's keyword-only parameters (less mask and inputs),
@@ -155,6 +158,8 @@ register(Family('performer', performer.attend, inputs=('projection',),
                 module=performer.feature_matrix, before_step=performer.redraw))
 register(Family('lsh', lsh.attend, inputs=('rng',), module=lsh.hash_rng, before_step=lsh.reseed,
                 shared_qk=True))
+register(Family('xl', relative.attend, inputs=('pos_proj', 'content_bias', 'pos_bias'),
+                module=relative.relative_params, memory=True))
 register(Family('linformer', linformer.attend, causal=False, inputs=('proj_k', 'proj_v'),
                 module=linformer.projections, unsupported_why=linformer.CAUSAL_WHY))
 

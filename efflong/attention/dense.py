@@ -47,7 +47,7 @@ def softmax(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array
 
 
 def attend_allowed(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
-                   scale: float) -> tuple[jax.Array, jax.Array]:
+                   scale: float, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Softmax attention under an explicit boolean mask, with its statistics.
 
   Args:
@@ -55,6 +55,7 @@ def attend_allowed(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
     k, v: [B, S, K, H]; K divides N.
     allowed: [B|1, N|1, T, S] bool.
     scale: logit scale.
+    bias: [B|1, N, T, S] float32 added to the scaled logits (relative positions), or None.
   Returns:
     out [B, T, N, H] float32 (zeros for a row that sees nothing) and lse [B, T, N] float32.
   """
@@ -62,6 +63,8 @@ def attend_allowed(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]: G query heads share one kv head.
   logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.reshape(bias.shape[0], kh, n // kh, t, -1)
   a = allowed
   a = a.reshape(a.shape[0], *((kh, n // kh) if a.shape[1] == n else (1, 1)), *a.shape[2:])
   probs, total, lse = softmax(logits, a)

@@ -1,11 +1,13 @@
 """Tasks by config name (`config.task.name`).
 
-A task gives the trainer three things and nothing else:
+A task gives the trainer three things and one flag, nothing else:
   train_dataset(process_index, process_count) -> grain.IterDataset of this process's batches
       (dicts of numpy arrays); its iterator's state is checkpointed with the model.
   eval_dataset(process_index, process_count) -> grain.IterDataset, finite.
   loss_and_metrics(outputs, batch) -> (loss, {name: (sum, count)}): loss is the differentiated
       scalar; metrics are sums and counts, so they add up across micro-batches, devices and batches.
+  contiguous_rows: bool, True when row b of each train batch continues row b of the previous one
+      (the text streams of a language model), so a model may carry memory from batch to batch.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import ml_collections
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 _TASKS = {
+    'bytes_lm': 'efflong.tasks.bytes_lm:BytesLM',
     'duplication': 'efflong.tasks.duplication:Duplication',
 }
 
 
 class Task(Protocol):
+
+  contiguous_rows: bool
 
   def train_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
     ...

@@ -47,6 +47,8 @@ def make_example(seed: int, stream: int, index: int, seq_len: int, vocab_size: i
 class Duplication:
   """Task object for config.task.name = 'duplication' (fields: seq_len, vocab_size, fill)."""
 
+  contiguous_rows = False  # independent examples: no memory carries from one batch to the next
+
   def __init__(self, config: ml_collections.ConfigDict):
     self.seq_len, self.vocab_size = config.task.seq_len, config.task.vocab_size
     if self.seq_len < 4 or self.seq_len % 2:

@@ -517,13 +517,13 @@ def family_model(name: str, kind: str = 'lm', **attention_kw) -> nnx.Module:
 @pytest.mark.parametrize('name', [n for n in attention.names()
                                   if n != 'dense' and attention.get(n).causal])
 def test_every_family_builds_from_config_alone_and_stays_causal(name):
-  """configs/duplication.py:attention=<name> gives a causal lm; only longformer, performer and lsh
-  own a family module (global projections, the feature matrix, the hashing key). lsh runs with
+  """configs/duplication.py:attention=<name> gives a causal lm; only longformer, performer, lsh and
+  xl own a family module (global projections, the feature matrix, the hashing key, W_R / u / v). lsh runs with
   one chunk here: with several, a future token's bucket moves the chunk boundaries of the sort (see
   efflong/attention/lsh.py); tests/attention/test_lsh.py probes that no weight reaches the future."""
   model = family_model(name, **({'bucket_size': T} if name == 'lsh' else {}))
   projections = [path for path, _ in nnx.iter_graph(model) if 'family_module' in path]
-  assert bool(projections) == (name in ('longformer', 'performer', 'lsh')), projections
+  assert bool(projections) == (name in ('longformer', 'performer', 'lsh', 'xl')), projections
   base = tokens()[0]
   out = run(model, inputs=variants(base, (0, T // 2)))
   assert moved(out, 1)[:T // 2].max() < ATOL and moved(out, 1)[T // 2] > MOVED

@@ -1,0 +1,80 @@
+"""Byte-level language modelling, the setting of Transformer-XL (Dai et al. 2019, Table 2: enwik8).
+
+A decoder predicts the next byte (256 symbols) of a contiguous text stream; rows continue from batch
+to batch (efflong/tasks/bytes_lm.py). The result is eval/bits_per_byte on the valid split (the
+paper's bpc on enwik8: 0.99 for its 24-layer model); eval/loss is the same in nats. The default
+corpus is the Python standard library's source (offline, cached at first use); `corpus=PATH` takes
+enwik8, enwik8.zip or any byte file, split 90% / 5% / 5% (enwik8: the standard 90M / 5M / 5M).
+This default is a CPU-sized 2-layer model (d_model 256) without segment memory, 3000 steps of
+32 x 128 bytes; its expected bits per byte is not recorded yet (run the command below).
+
+Command:
+  python -m efflong.main --config=configs/bytes_lm.py --workdir=runs/bytes_lm
+  python -m efflong.main --config=configs/bytes_lm.py:corpus=/data/enwik8.zip --workdir=runs/enwik8
+
+Arguments (comma separated, e.g. `configs/bytes_lm.py:attention=local,seq_len=256,smoke`):
+  attention   attention family (default dense); its hyper-parameters come from `family_kw` below
+  seq_len     segment length T (default 128)
+  layers      number of layers (default 2)
+  corpus      'stdlib' (default) or the path of a byte file (enwik8, enwik8.zip, ...)
+  smoke       tiny model, a few steps: what the tests run (the corpus stays as given)
+Sweep (`./launch.sh sweep --config=configs/bytes_lm.py:<arg>`): one point per decoder family
+  (dense, local, lsh, linear, performer) at the arg's seq_len, compared by eval/bits_per_byte.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from efflong import config as config_lib
+
+ARGS = dict(attention='dense', seq_len=128, layers=2, corpus='stdlib', smoke=False)
+FAMILIES = ('dense', 'local', 'lsh', 'linear', 'performer')
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  args = config_lib.parse_arg(arg, ARGS)
+  c = config_lib.base('bytes_lm')
+  c.task.seq_len = args['seq_len']
+  c.task.vocab_size = 256
+  c.task.corpus = args['corpus']
+  c.task.cache_dir = ''  # '': ~/.cache/efflong/bytes_lm/stdlib-<python version> (stdlib only)
+  config_lib.set_attention(c, args['attention'])
+  c.model.attention_kw.update(family_kw(args['attention'], args['seq_len']))
+
+  c.model.kind = 'lm'
+  c.model.num_layers = args['layers']
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.d_ff = 1024
+
+  c.train.steps = 3000
+  c.train.batch_size = 32
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 200
+  c.train.log_every = 50
+  c.train.eval_every = 500
+  c.train.checkpoint_every = 500
+  c.eval.steps = 32
+  c.eval.batch_size = 32
+
+  if args['smoke']:
+    c.model.d_model, c.model.num_heads, c.model.d_ff = 32, 2, 64
+    c.train.steps, c.train.batch_size, c.train.warmup_steps = 6, 8, 2
+    c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 3
+    c.eval.steps, c.eval.batch_size = 1, 8
+  return c
+
+
+def family_kw(name: str, seq_len: int) -> dict:
+  """Each family's hyper-parameters at this segment length: local and lsh see about T/4 bytes."""
+  return {
+      'local': dict(window=max(1, seq_len // 4)),
+      'lsh': dict(bucket_size=max(1, seq_len // 4)),
+  }.get(name, {})
+
+
+def get_sweep(arg: str = '') -> list[dict]:
+  """One point per decoder family, the rest of the config as `arg` sets it."""
+  config_lib.parse_arg(arg, ARGS)  # refuses an unknown argument before any point trains
+  return [{'arg': f'attention={name}'} for name in FAMILIES]

@@ -1,0 +1,106 @@
+"""Relative positional attention of Transformer-XL (Dai et al. 2019, section 3.3).
+
+score(i, j) = (q_i + u)^T k_j + (q_i + v)^T W_R r_{i-j}: the paper's terms (a) + (c) and (b) + (d),
+with r the sinusoidal encoding of the distance i - j between query i and key j, and u, v learned
+per-head biases. Queries sit at the end of the keys (Mask's alignment): with S - T keys of memory
+before the segment, query t is at key position S - T + t. The position term is computed for the
+S + T - 1 distances S - 1, ..., -(T - 1) once, [B, N, T, S + T - 1], and moved into place by the
+shift trick (section B of the paper's appendix): O(T * (T + S)) memory, never a gathered
+[T, S, H] tensor of encodings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efflong.attention.dense import attend_allowed, check_shapes
+from efflong.attention.mask import Mask
+from efflong.nn.positions import sinusoidal
+
+
+def distances(q_len: int, kv_len: int) -> jax.Array:
+  """[S + T - 1] the distances i - j the position term is computed for, S - 1 down to -(T - 1)."""
+  return jnp.arange(kv_len - 1, -q_len, -1)
+
+
+def rel_shift(x: jax.Array, kv_len: int) -> jax.Array:
+  """[..., T, S + T - 1] by distance (as `distances`) -> [..., T, S] by key position.
+
+  Out[i, j] = x[i, j + T - 1 - i]: query i's distance to key j is S - T + i - j, which is
+  column j + T - 1 - i. A zero column and a flat reshape do the per-row shift without a gather.
+  """
+  *lead, t, length = x.shape
+  flat = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, 1)]).reshape(*lead, t * (length + 1))
+  return flat[..., t - 1:t - 1 + t * length].reshape(*lead, t, length)[..., :kv_len]
+
+
+def position_logits(q: jax.Array, pos_proj: jax.Array, pos_bias: jax.Array,
+                    kv_len: int) -> jax.Array:
+  """Terms (b) + (d): [B, N, T, S] float32, (q_i + v)^T W_R r_{i-j}.
+
+  Args:
+    q: [B, T, N, H].
+    pos_proj: W_R [E, N, H], E the width of the sinusoidal encoding.
+    pos_bias: v [N, H].
+    kv_len: S.
+  """
+  t = q.shape[1]
+  r = sinusoidal(distances(t, kv_len), pos_proj.shape[0])  # [S + T - 1, E]
+  r = jnp.einsum('LE,ENH->LNH', r.astype(pos_proj.dtype), pos_proj)
+  raw = jnp.einsum('BTNH,LNH->BNTL', q + pos_bias.astype(q.dtype), r,
+                   preferred_element_type=jnp.float32)
+  return rel_shift(raw, kv_len)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, pos_proj: jax.Array,
+           content_bias: jax.Array, pos_bias: jax.Array, scale: float | None = None) -> jax.Array:
+  """Softmax attention with Transformer-XL's relative positions.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k, v: [B, S, K, H] keys and values (S >= T: memory first, then the segment); K divides N.
+    mask: which keys each query sees (causal alignment: query t at key position S - T + t).
+    pos_proj: W_R [E, N, H], projecting the E-wide sinusoidal distance encoding into each head.
+    content_bias: u [N, H].
+    pos_bias: v [N, H].
+    scale: logit scale; default H ** -0.5 (on both terms).
+  Returns:
+    [B, T, N, H]; a query that sees no key gets zeros.
+  """
+  check_shapes(q, k, v, mask)
+  t, s, h = q.shape[1], k.shape[1], q.shape[3]
+  scale = h ** -0.5 if scale is None else scale
+  bias = position_logits(q, pos_proj, pos_bias, s) * scale
+  out, _ = attend_allowed(q + content_bias.astype(q.dtype), k, v, mask.materialize(t, s)[:, None],
+                          scale, bias)
+  return out.astype(q.dtype)
+
+
+class RelativeParams(nnx.Module):
+  """Owns W_R [E, N, H], u and v [N, H]; x [B, T, D] -> attend's pos_proj, content_bias, pos_bias."""
+
+  def __init__(self, *, d_model: int, num_heads: int, head_dim: int, dtype: Any, rngs: nnx.Rngs):
+    proj_init = nnx.with_partitioning(nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                                      ('embed', 'heads', 'head_dim'), eager_sharding=False)
+    bias_init = nnx.with_partitioning(nnx.initializers.zeros, ('heads', 'head_dim'),
+                                      eager_sharding=False)
+    self.pos_proj = nnx.Param(proj_init(rngs.params(), (d_model, num_heads, head_dim), dtype))
+    self.content_bias = nnx.Param(bias_init(rngs.params(), (num_heads, head_dim), dtype))
+    self.pos_bias = nnx.Param(bias_init(rngs.params(), (num_heads, head_dim), dtype))
+
+  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    del x
+    return {'pos_proj': self.pos_proj[...], 'content_bias': self.content_bias[...],
+            'pos_bias': self.pos_bias[...]}
+
+
+def relative_params(hyper: dict[str, Any], *, d_model: int, num_heads: int, head_dim: int,
+                    dtype: Any, rngs: nnx.Rngs, **layer: Any) -> RelativeParams:
+  """The family module: one W_R, u, v per attention layer (the distance encoding is d_model wide)."""
+  del hyper, layer
+  return RelativeParams(d_model=d_model, num_heads=num_heads, head_dim=head_dim, dtype=dtype,
+                        rngs=rngs)
