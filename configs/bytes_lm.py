@@ -17,9 +17,14 @@ Arguments (comma separated, e.g. `configs/bytes_lm.py:attention=local,seq_len=25
   seq_len     segment length T (default 128)
   layers      number of layers (default 2)
   corpus      'stdlib' (default) or the path of a byte file (enwik8, enwik8.zip, ...)
+  mem_len     Transformer-XL's segment memory (default 0); needs attention=xl (which also turns
+              absolute positions off); `--config.eval.mem_len=N` evaluates with a longer one
+  xl          selects the XL sweep; no effect on the config
   smoke       tiny model, a few steps: what the tests run (the corpus stays as given)
-Sweep (`./launch.sh sweep --config=configs/bytes_lm.py:<arg>`): one point per decoder family
-  (dense, local, lsh, linear, performer) at the arg's seq_len, compared by eval/bits_per_byte.
+Sweeps (`./launch.sh sweep --config=configs/bytes_lm.py:<arg>`):
+  no arg: one point per decoder family (dense, local, lsh, linear, performer, xl) at the arg's
+    seq_len, compared by eval/bits_per_byte.
+  xl: the same XL model without memory and with mem_len = seq_len (training and evaluation).
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import ml_collections
 
 from efflong import config as config_lib
 
-ARGS = dict(attention='dense', seq_len=128, layers=2, corpus='stdlib', smoke=False)
-FAMILIES = ('dense', 'local', 'lsh', 'linear', 'performer')
+ARGS = dict(attention='dense', seq_len=128, layers=2, corpus='stdlib', mem_len=0, smoke=False,
+            xl=False)
+FAMILIES = ('dense', 'local', 'lsh', 'linear', 'performer', 'xl')
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -43,6 +49,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.attention_kw.update(family_kw(args['attention'], args['seq_len']))
 
   c.model.kind = 'lm'
+  if args['attention'] == 'xl':  # relative positions only, so that a memory lines up
+    c.model.positions = 'none'
+  c.model.mem_len = args['mem_len']
   c.model.num_layers = args['layers']
   c.model.d_model = 256
   c.model.num_heads = 4
@@ -75,6 +84,9 @@ def family_kw(name: str, seq_len: int) -> dict:
 
 
 def get_sweep(arg: str = '') -> list[dict]:
-  """One point per decoder family, the rest of the config as `arg` sets it."""
-  config_lib.parse_arg(arg, ARGS)  # refuses an unknown argument before any point trains
+  """One point per decoder family, or with `xl` the XL model without and with memory; the rest of
+  the config as `arg` sets it."""
+  args = config_lib.parse_arg(arg, ARGS)  # refuses an unknown argument before any point trains
+  if args['xl']:
+    return [{'arg': f'attention=xl,mem_len={m}'} for m in (0, args['seq_len'])]
   return [{'arg': f'attention={name}'} for name in FAMILIES]

@@ -120,6 +120,8 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       dtype='float32',            # compute dtype; parameters stay float32
       reversible=False,           # reversible residual layers (pre-LN): activation memory flat in depth
       ff_chunk_size=0,            # feed-forward over length chunks of this size (0: whole sequence)
+      mem_len=0,                  # Transformer-XL segment memory (0: none); attention 'xl',
+                                  # positions 'none' and a task with contiguous rows (bytes_lm)
   ))
   c.model.attention_kw = attention_defaults('dense')
 
@@ -143,6 +145,7 @@ def base(task_name: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(steps=4, batch_size=32))
   c.eval.attention_kw = attention_defaults('dense', inherit=True)
   c.eval.variants = ml_collections.ConfigDict()  # {name: attention_kw overrides}: add_eval_variant
+  c.eval.mem_len = config_dict.placeholder(int)  # None: model.mem_len (XL may evaluate longer)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding_rules = DEFAULT_RULES
   return c

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
-from efflong.models.transformer import Classifier, Encoder, EncoderDecoder, LanguageModel
+from efflong.models.transformer import (Classifier, Encoder, EncoderDecoder, LanguageModel,
+                                        init_memory)
 
 KINDS = {
     'lm': LanguageModel,

@@ -23,12 +23,21 @@ from efflong.nn.layers import Dtype, dense, dropout, partitioned
 from efflong.nn.positions import Positions
 
 Batch = dict[str, jax.Array]
+Memory = dict[str, jax.Array]  # Transformer-XL's segment memory: see init_memory
 
 
 def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
   if positions is not None:
     return positions
   return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+def init_memory(cfg: ml_collections.ConfigDict, batch_size: int, mem_len: int) -> Memory:
+  """An empty segment memory for model config cfg: hidden [L, B, M, D] zeros in the compute
+  dtype, segment_ids [B, M] zeros (nothing to see yet)."""
+  return {'hidden': jnp.zeros((cfg.num_layers, batch_size, mem_len, cfg.d_model),
+                              jnp.dtype(cfg.dtype)),
+          'segment_ids': jnp.zeros((batch_size, mem_len), jnp.int32)}
 
 
 class Embedder(nnx.Module):
@@ -71,12 +80,32 @@ class LanguageModel(nnx.Module):
     self.stack = Stack(cfg, causal=causal, max_len=max_len, attention_kw=attention_kw, dtype=dtype,
                        rngs=rngs)
 
-  def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
+  def __call__(self, batch: Batch, *, key: jax.Array | None = None,
+               memory: Memory | None = None) -> jax.Array | tuple[jax.Array, Memory]:
+    """[B, T, V] logits; with a memory (Transformer-XL), (logits, the next segment's memory).
+
+    The memory holds each layer's input at the M positions before this segment (`init_memory`
+    makes an empty one); rows whose batch['reset'] is True start afresh (their memory is emptied).
+    The next memory is the last M positions of [memory; this segment], without gradient.
+    """
     keys = [None, None] if key is None else list(jax.random.split(key))
     x = self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0])
-    x = self.stack(x, segment_ids=batch.get('segment_ids'), key=keys[1],
-                   global_tokens=batch.get('global_tokens'))
-    return self.embedder.decode(x)
+    if memory is None:
+      x = self.stack(x, segment_ids=batch.get('segment_ids'), key=keys[1],
+                     global_tokens=batch.get('global_tokens'))
+      return self.embedder.decode(x)
+    mem_seg = memory['segment_ids']
+    if 'reset' in batch:
+      mem_seg = jnp.where(jnp.reshape(batch['reset'], (-1, 1)), 0, mem_seg)
+    seg = batch.get('segment_ids')
+    seg = jnp.ones(x.shape[:2], jnp.int32) if seg is None else seg
+    x, inputs = self.stack(x, segment_ids=seg, key=keys[1], memory=memory['hidden'],
+                           memory_segment_ids=mem_seg)
+    m = mem_seg.shape[1]
+    last = lambda a, axis: jax.lax.slice_in_dim(a, a.shape[axis] - m, a.shape[axis], axis=axis)
+    new = {'hidden': jax.lax.stop_gradient(last(jnp.concatenate([memory['hidden'], inputs], 2), 2)),
+           'segment_ids': last(jnp.concatenate([mem_seg, seg], 1), 1)}
+    return self.embedder.decode(x), new
 
 
 class Encoder(LanguageModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from efflong import attention
@@ -34,6 +35,7 @@ class Attention(nnx.Module):
                  head_dim=head_dim, max_len=max_len, stack_modules=stack_modules, dtype=dtype,
                  rngs=rngs)
     self.family_module = fam.make_module(family_kw or {}, **layer)
+    self.family, self.takes_memory = family, fam.memory
     self.q = head_projection(d_model, num_heads, head_dim, dtype=dtype, rngs=rngs)
     if fam.shared_qk and num_kv_heads != num_heads:
       raise ValueError(f'attention {family!r} shares queries and keys: model.num_kv_heads='
@@ -47,8 +49,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None,
                global_tokens: jax.Array | None = None, context: jax.Array | None = None,
-               context_segment_ids: jax.Array | None = None) -> jax.Array:
-    """Self-attention over x, or cross-attention from x to context.
+               context_segment_ids: jax.Array | None = None, memory: jax.Array | None = None,
+               memory_segment_ids: jax.Array | None = None) -> jax.Array:
+    """Self-attention over x (after a memory, if given), or cross-attention from x to context.
 
     Args:
       x: [B, T, D] queries' inputs.
@@ -56,10 +59,24 @@ class Attention(nnx.Module):
       global_tokens: [B, T] bool tokens with full attention (self-attention only), or None.
       context: [B, S, D] keys' and values' inputs (cross-attention), or None for self-attention.
       context_segment_ids: [B, S] segment ids of context, or None.
+      memory: [B, M, D] inputs of the M positions before x (Transformer-XL's segment memory): the
+        keys and values are over [memory; x], queries aligned at the end. None: no memory.
+      memory_segment_ids: [B, M] their segment ids (0: not filled yet); required with memory.
     Returns:
       [B, T, D].
     """
-    if context is None:
+    if memory is not None:
+      if not self.takes_memory:
+        raise ValueError(f'attention {self.family!r} cannot read a segment memory; families that '
+                         f'can: {[n for n in attention.names() if attention.get(n).memory]}.')
+      if context is not None or global_tokens is not None:
+        raise ValueError('a segment memory applies to plain self-attention (no context, no '
+                         'global tokens).')
+      if segment_ids is None:
+        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+      context = jnp.concatenate([memory.astype(x.dtype), x], axis=1)
+      context_segment_ids = jnp.concatenate([memory_segment_ids, segment_ids], axis=1)
+    elif context is None:
       context, context_segment_ids = x, segment_ids
     elif global_tokens is not None:
       raise ValueError('global_tokens apply to self-attention, not cross-attention.')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -47,9 +48,14 @@ class Block(nnx.Module):
       return x + self._branch(x, norm, f, key)
     return norm(x + dropout(f(x), self.dropout_rate, key))
 
-  def _attentions(self, segment_ids, global_tokens, context, context_segment_ids):
-    """The self- and cross-attention functions of h [B, T, D] (cross: None without a context)."""
-    self_fn = lambda h: self.self_attn(h, segment_ids=segment_ids, global_tokens=global_tokens)
+  def _attentions(self, segment_ids, global_tokens, context, context_segment_ids, memory=None,
+                  memory_segment_ids=None):
+    """The self- and cross-attention functions of h [B, T, D] (cross: None without a context).
+    memory: the layer's input at the M positions before x [B, M, D] (normed here like x), or None."""
+    if memory is not None and self.pre_ln:
+      memory = self.self_norm(memory)
+    self_fn = lambda h: self.self_attn(h, segment_ids=segment_ids, global_tokens=global_tokens,
+                                       memory=memory, memory_segment_ids=memory_segment_ids)
     cross_fn = None if self.cross_attn is None else (
         lambda h: self.cross_attn(h, segment_ids=segment_ids, context=context,
                                   context_segment_ids=context_segment_ids))
@@ -57,13 +63,17 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, key: jax.Array | None,
                global_tokens: jax.Array | None = None, context: jax.Array | None = None,
-               context_segment_ids: jax.Array | None = None) -> jax.Array:
+               context_segment_ids: jax.Array | None = None, memory: jax.Array | None = None,
+               memory_segment_ids: jax.Array | None = None) -> jax.Array:
     """[B, T, D] -> [B, T, D]. context: [B, S, D] encoder output for cross-attention.
 
     global_tokens: [B, T] bool tokens with full self-attention (longformer, bigbird), or None.
+    memory: [B, M, D] this layer's inputs at the M positions before x, with memory_segment_ids
+      [B, M] (Transformer-XL), or None.
     """
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
-    self_fn, cross_fn = self._attentions(segment_ids, global_tokens, context, context_segment_ids)
+    self_fn, cross_fn = self._attentions(segment_ids, global_tokens, context, context_segment_ids,
+                                         memory, memory_segment_ids)
     x = self._residual(x, self.self_norm, self_fn, keys[0])
     if cross_fn is not None:
       x = self._residual(x, self.cross_norm, cross_fn, keys[1])
@@ -107,21 +117,30 @@ class Stack(nnx.Module):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, key: jax.Array | None,
                global_tokens: jax.Array | None = None, context: jax.Array | None = None,
-               context_segment_ids: jax.Array | None = None) -> jax.Array:
+               context_segment_ids: jax.Array | None = None, memory: jax.Array | None = None,
+               memory_segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, ...]:
     """[B, T, D] -> [B, T, D]; the arguments as in Block.
 
     Reversible: both streams start as x, and the stack returns the mean of their outputs.
+    memory: [L, B, M, D] each layer's inputs at the M positions before x, with
+      memory_segment_ids [B, M]; then the stack returns (output, each layer's input [L, B, T, D]).
     """
     if self.reversible:
+      if memory is not None:
+        raise ValueError('a segment memory (model.mem_len > 0) needs model.reversible=False.')
       graphdef, params, rest = nnx.split(self, nnx.Param, ...)
       run = reversible.make(graphdef, len(self.layers))
       y1, y2 = run(params, rest, x, x, context,
                    (segment_ids, global_tokens, context_segment_ids, key))
       x = (y1 + y2) / 2
       return x if self.final_norm is None else self.final_norm(x)
+    inputs = []
     for i, layer in enumerate(self.layers):
+      inputs.append(x)
       layer_key = None if key is None else jax.random.fold_in(key, i)
       x = layer(x, segment_ids=segment_ids, key=layer_key, global_tokens=global_tokens,
-                context=context,
-                context_segment_ids=context_segment_ids)
-    return x if self.final_norm is None else self.final_norm(x)
+                context=context, context_segment_ids=context_segment_ids,
+                memory=None if memory is None else memory[i],
+                memory_segment_ids=memory_segment_ids)
+    x = x if self.final_norm is None else self.final_norm(x)
+    return x if memory is None else (x, jnp.stack(inputs))

@@ -45,6 +45,7 @@ class TrainState:
   params: nnx.State
   model_state: nnx.State  # non-trainable model variables (empty for most families)
   opt_state: optax.OptState
+  memory: Any = None  # Transformer-XL's segment memory (model.mem_len > 0), carried across steps
 
 
 def _eval_attention_kws(config: ml_collections.ConfigDict) -> dict[str, dict]:
@@ -74,6 +75,17 @@ def _micro_batches(batch: dict, n: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def _memory_shardings(abstract_memory: Any, batch_sharding: NamedSharding) -> Any:
+  """A memory's rows are sharded like the batch rows they continue: hidden [L, B, M, D] on B,
+  segment_ids [B, M] on B. None (no memory) stays None."""
+  if abstract_memory is None:
+    return None
+  rows = batch_sharding.spec[0] if batch_sharding.spec else None
+  mesh = batch_sharding.mesh
+  return {'hidden': NamedSharding(mesh, P(None, rows)),
+          'segment_ids': NamedSharding(mesh, P(rows))}
+
+
 def _before_step(graphdef: nnx.GraphDef, state: TrainState, key: jax.Array) -> nnx.State:
   """The model state after the attention families' per-step hooks (e.g. feature redraws)."""
   model = nnx.merge(graphdef, state.params, state.model_state)
@@ -89,9 +101,11 @@ def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
   hook_key = jax.random.key(config.seed + 2)  # The attention families' per-step draws.
   lr_schedule = optim.schedule(config.train)
 
-  def loss_fn(params, model_state, batch, key):
-    model = nnx.merge(graphdef, params, model_state)
-    return task.loss_and_metrics(model(batch, key=key), batch)
+  def loss_fn(params, model_state, batch, key, memory):
+    """(loss, (metric sums, the next memory or None))."""
+    outputs, memory = _forward(nnx.merge(graphdef, params, model_state), batch, key, memory)
+    loss, metrics = task.loss_and_metrics(outputs, batch)
+    return loss, (metrics, memory)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -100,18 +114,20 @@ def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
     state = state.replace(model_state=_before_step(graphdef, state,
                                                    jax.random.fold_in(hook_key, state.step)))
     if accum == 1:
-      (loss, metrics), grads = grad_fn(state.params, state.model_state, batch, key)
-    else:
+      (loss, (metrics, memory)), grads = grad_fn(state.params, state.model_state, batch, key,
+                                                 state.memory)
+    else:  # no memory here (the trainer refuses mem_len > 0 with grad_accum_steps > 1)
       def body(carry, xs):
         i, micro = xs
-        out = grad_fn(state.params, state.model_state, micro, jax.random.fold_in(key, i))
+        out = grad_fn(state.params, state.model_state, micro, jax.random.fold_in(key, i), None)
         return jax.tree.map(jnp.add, carry, out), None
 
       micro = _micro_batches(batch, accum)
       first = jax.tree.map(lambda x: x[0], micro)
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params,
-                                                          state.model_state, first, key))
-      ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+                                                          state.model_state, first, key, None))
+      ((loss, (metrics, memory)), grads), _ = jax.lax.scan(body, zeros,
+                                                           (jnp.arange(accum), micro))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
 
     grad_norm = optax.tree.norm(grads)
@@ -121,7 +137,8 @@ def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
     # A non-finite step leaves parameters and optimizer state as they were.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                          opt_state=keep(opt_state, state.opt_state))
+                          opt_state=keep(opt_state, state.opt_state),
+                          memory=keep(memory, state.memory))
     scalars = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr_schedule(state.step - 1),
                'finite': finite}
     return state, metrics, scalars
@@ -129,14 +146,49 @@ def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
   return train_step
 
 
-def make_eval_step(task: tasks.Task, graphdef: nnx.GraphDef):
-  """(params, model_state, batch) -> metric sums, with the eval-time model graph."""
+def _forward(model: nnx.Module, batch: dict, key: jax.Array | None,
+             memory: Any) -> tuple[jax.Array, Any]:
+  """(outputs, the next memory); memory None: a model without one (the next memory is None)."""
+  if memory is None:
+    return model(batch, key=key), None
+  return model(batch, key=key, memory=memory)
 
-  def eval_step(params, model_state, batch):
-    model = nnx.merge(graphdef, params, model_state)
-    return task.loss_and_metrics(model(batch, key=None), batch)[1]
+
+def make_eval_step(task: tasks.Task, graphdef: nnx.GraphDef):
+  """(params, model_state, batch, memory) -> (metric sums, the next memory), with the eval-time
+  model graph; memory None for a model without one."""
+
+  def eval_step(params, model_state, batch, memory):
+    outputs, memory = _forward(nnx.merge(graphdef, params, model_state), batch, None, memory)
+    return task.loss_and_metrics(outputs, batch)[1], memory
 
   return eval_step
+
+
+def check_memory(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
+  """Raises a one-line ValueError for a memory setting the model or the data cannot carry."""
+  m, mem_len, eval_mem_len = config.model, config.model.mem_len, config.eval.mem_len
+  for name, value in (('model.mem_len', mem_len), ('eval.mem_len', eval_mem_len)):
+    if value is not None and (not isinstance(value, int) or value < 0):
+      raise ValueError(f'{name}={value!r} must be an int >= 0 (0: no memory).')
+  if not mem_len and not eval_mem_len:
+    return
+  if not getattr(task, 'contiguous_rows', False):
+    raise ValueError(f'a segment memory (model.mem_len={mem_len}, eval.mem_len={eval_mem_len}) '
+                     f'needs batch rows that are contiguous streams; task {config.task.name!r} '
+                     "has none (e.g. task 'bytes_lm' does).")
+  if m.kind != 'lm':
+    raise ValueError(f"a segment memory needs model.kind='lm'; got {m.kind!r}.")
+  if not attention.get(m.attention).memory:
+    raise ValueError(f'a segment memory needs an attention family with relative positions; got '
+                     f'{m.attention!r}; valid: '
+                     f'{[n for n in attention.names() if attention.get(n).memory]}.')
+  if m.positions != 'none':
+    raise ValueError(f"a segment memory needs model.positions='none' (relative positions only); "
+                     f'got {m.positions!r}.')
+  if mem_len and config.train.grad_accum_steps > 1:
+    raise ValueError(f'model.mem_len={mem_len} needs train.grad_accum_steps=1 (each micro-batch '
+                     'would need its own memory rows).')
 
 
 class _Interrupt:
@@ -166,7 +218,9 @@ class Setup:
   batch_sharding: NamedSharding
   init: Any                      # () -> TrainState, created directly in `shardings`
   train_step: Any                # (state, batch) -> (state, metric sums, scalars); donates state
-  eval_steps: dict[str, Any]     # {metric prefix: (params, model_state, batch) -> metric sums}
+  eval_steps: dict[str, Any]     # {metric prefix: (params, model_state, batch, memory) ->
+                                 #  (metric sums, next memory)}
+  init_eval_memory: Any          # () -> an empty eval-time memory, or None without one
 
 
 def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Setup:
@@ -174,32 +228,44 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = config.sharding_rules
   task = tasks.build(config)
+  check_memory(config, task)
   tx = optim.make(config.train)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
 
   # Abstract model -> shardings -> state created directly in them (no single-device copy).
   build = lambda kw=None: models.build(config, attention_kw=kw, rngs=nnx.Rngs(config.seed))
   graphdef, abs_params, abs_rest = _split(nnx.eval_shape(build))
+  memory = lambda batch_size, mem_len: (models.init_memory(config.model, batch_size, mem_len)
+                                        if mem_len else None)
+  train_memory = functools.partial(memory, config.train.batch_size, config.model.mem_len)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
                         model_state=abs_rest, opt_state=jax.eval_shape(tx.init, abs_params))
-  shardings = sharding.state_shardings(abstract, mesh, rules)
+  shardings = sharding.state_shardings(abstract, mesh, rules).replace(
+      memory=_memory_shardings(jax.eval_shape(train_memory), batch_sharding))
+  abstract = abstract.replace(memory=jax.eval_shape(train_memory))
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init() -> TrainState:
     _, params, rest = _split(build())
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), memory=train_memory())
 
+  eval_mem_len = config.model.mem_len if config.eval.mem_len is None else config.eval.mem_len
+  eval_memory = functools.partial(memory, config.eval.batch_size, eval_mem_len)
+  eval_memory_shardings = _memory_shardings(jax.eval_shape(eval_memory), batch_sharding)
+  init_eval_memory = jax.jit(eval_memory, out_shardings=eval_memory_shardings)
   replicated = NamedSharding(mesh, P())
-  batch_sharding = sharding.batch_sharding(mesh, rules)
   train_step = jax.jit(make_train_step(config, task, tx, graphdef),
                        in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, replicated, replicated), donate_argnums=0)
   eval_steps = {
       prefix: jax.jit(make_eval_step(task, _split(nnx.eval_shape(lambda kw=kw: build(kw)))[0]),
-                      in_shardings=(shardings.params, shardings.model_state, batch_sharding),
-                      out_shardings=replicated)
+                      in_shardings=(shardings.params, shardings.model_state, batch_sharding,
+                                    eval_memory_shardings),
+                      out_shardings=(replicated, eval_memory_shardings))
       for prefix, kw in _eval_attention_kws(config).items()}
-  return Setup(mesh, task, abstract, shardings, batch_sharding, init, train_step, eval_steps)
+  return Setup(mesh, task, abstract, shardings, batch_sharding, init, train_step, eval_steps,
+               init_eval_memory)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -234,10 +300,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def evaluate() -> dict[str, float]:
     """The eval metrics of every evaluation (eval/..., eval/<variant>/...) on the same batches."""
     accs = {prefix: Accumulator() for prefix in run.eval_steps}
+    memories = {prefix: run.init_eval_memory() for prefix in run.eval_steps}
     for local in task.eval_dataset(pidx, pcount):
       batch = sharding.global_batch(local, batch_sharding)
       for prefix, eval_step in run.eval_steps.items():
-        accs[prefix].add(eval_step(state.params, state.model_state, batch))
+        sums, memories[prefix] = eval_step(state.params, state.model_state, batch,
+                                           memories[prefix])
+        accs[prefix].add(sums)
     return {k: v for prefix, acc in accs.items() for k, v in acc.means(prefix).items()}
 
   interrupt = _Interrupt()

@@ -1,4 +1,4 @@
-"""Trainer tests share one tiny duplication config."""
+"""Trainer tests share tiny smoke configs."""
 
 import os
 
@@ -15,11 +15,11 @@ def load_config_module(name: str):
 
 
 def smoke_config(*, dropout_rate: float = 0.0, dtype: str = 'float32', attention: str = 'dense',
-                 attention_kw: dict | None = None, arg: str = '',
+                 attention_kw: dict | None = None, arg: str = '', task: str = 'duplication',
                  **train) -> ml_collections.ConfigDict:
-  """The duplication smoke config (plus config argument `arg`), logging every step, with train.*
-  overrides."""
-  config = load_config_module('duplication').get_config(f'smoke,attention={attention},{arg}')
+  """The smoke config of configs/<task>.py (plus config argument `arg`), logging every step, with
+  train.* overrides."""
+  config = load_config_module(task).get_config(f'smoke,attention={attention},{arg}')
   with config.unlocked():
     config.model.attention_kw.update(attention_kw or {})
     config.model.dropout_rate = dropout_rate

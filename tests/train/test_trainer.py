@@ -14,6 +14,13 @@ from efflong.train import trainer
 from tests.train import smoke_config
 
 
+def byte_corpus(tmp_path, size: int) -> str:
+  """A file of `size` pseudo-random text bytes; its path."""
+  path = tmp_path / 'corpus.txt'
+  path.write_bytes(np.random.default_rng(0).integers(32, 127, size, dtype=np.uint8).tobytes())
+  return str(path)
+
+
 def losses(workdir) -> dict[int, float]:
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     rows = [json.loads(line) for line in f]
@@ -60,7 +67,8 @@ class _SignalAt:
 
 
 @pytest.mark.parametrize('attention, attention_kw, arg', [
-    ('dense', None, ''),
+    # Transformer-XL on contiguous byte rows: the memory and the data position must both resume.
+    ('xl', None, 'mem_len=8,seq_len=8'),
     # Redraws at steps 3, 6, 9 | 12, ...: the resumed run must restore the step-9 features.
     ('performer', {'redraw_every': 3, 'nb_features': 8}, ''),
     # One E shared by both layers: a module shared across layers must checkpoint and restore.
@@ -68,8 +76,11 @@ class _SignalAt:
 ])
 def test_resume_is_bitwise_exact(tmp_path, monkeypatch, attention, attention_kw, arg):
   """20 steps straight == a run killed by SIGTERM at step 10 and restarted, bitwise on the CPU."""
+  task = 'bytes_lm' if attention == 'xl' else 'duplication'
   config = smoke_config(steps=20, dropout_rate=0.1, attention=attention, attention_kw=attention_kw,
-                        arg=arg)
+                        arg=arg, task=task)
+  if task == 'bytes_lm':  # 8 rows of 180 training bytes: 22 segments of 8
+    config.task.corpus = byte_corpus(tmp_path, 1600)
   trainer.train_and_evaluate(config, str(tmp_path / 'straight'))
   straight = losses(tmp_path / 'straight')
 
@@ -157,3 +168,21 @@ def test_performer_features_are_redrawn_by_the_trainer(tmp_path):
     runs[every] = losses(tmp_path / f'every{every}')
   assert runs[0][1] == runs[2][1] and runs[0][2] == runs[2][2]
   assert runs[0][3] != runs[2][3]
+
+
+@pytest.mark.parametrize('task, arg, model, match', [
+    ('bytes_lm', 'attention=xl', {'mem_len': -1}, r'model.mem_len=-1 must be an int >= 0'),
+    ('duplication', 'attention=xl', {'mem_len': 4, 'positions': 'none'},
+     r"needs batch rows that are contiguous streams; task 'duplication' has none"),
+    ('bytes_lm', 'attention=dense', {'mem_len': 4, 'positions': 'none'},
+     r"needs an attention family with relative positions; got 'dense'; valid: \['xl'\]"),
+    ('bytes_lm', 'attention=xl', {'mem_len': 4, 'positions': 'sinusoidal'},
+     r"needs model.positions='none'"),
+])
+def test_memory_settings_are_checked(tmp_path, task, arg, model, match):
+  config = smoke_config(task=task, arg=arg)
+  if task == 'bytes_lm':
+    config.task.corpus = byte_corpus(tmp_path, 1600)
+  config.model.update(model)
+  with pytest.raises(ValueError, match=match):
+    trainer.check_memory(config, tasks.build(config))
