@@ -35,3 +35,5 @@ def build(config: ml_collections.ConfigDict, *, attention_kw: dict | None = None
   return KINDS[kind](config.model, vocab_size=config.task.vocab_size,
                      max_len=config.task.seq_len, num_classes=config.task.get('num_classes', 0),
                      attention_kw=attention_kw, rngs=rngs)
+
+__all__ = ['KINDS', 'build', 'init_memory']
