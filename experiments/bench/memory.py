@@ -126,24 +126,26 @@ def report(depth_rows: list[dict[str, Any]], long_rows: list[dict[str, Any]]) ->
       f'{_HEADS.value} heads, d_ff {_D_FF.value}, batch 1, float32, AdamW\n',
       *benchlib.header(measured[0]['device'] if measured else 'unknown'),
       f'- reversible rows: model.reversible = True, model.ff_chunk_size = {_FF_CHUNK.value}; plain '
-      'rows: the residual stack, whole feed-forward', '',
-      f'### Depth at T = {_SEQ_LEN.value}', '',
-      f'| layers | stack | XLA MiB | XLA temp MiB | {peak_name} | step s | loss |',
-      '|---:|---|---:|---:|---:|---:|---:|']
-  for r in depth_rows:
-    lines.append(f'| {r["layers"]} | {"reversible" if r["reversible"] else "plain"} | '
-                 f'{cell(r, "compiled_mib", ",.1f")} | {cell(r, "temp_mib", ",.1f")} | '
-                 f'{cell(r, "peak_mib", ",.1f")} | {cell(r, "step_s", ".1f")} | '
-                 f'{cell(r, "loss", ".3f")} |')
-  lines += ['', f'Peak({max(r["layers"] for r in depth_rows)} layers) / peak('
-            f'{min(r["layers"] for r in depth_rows)} layers):', '']
-  for reversible in (False, True):
-    own = sorted((r for r in depth_rows if r['reversible'] == reversible and 'peak_mib' in r),
-                 key=lambda r: r['layers'])
-    if len(own) >= 2:
-      lines.append(f'- {"reversible" if reversible else "plain"}: XLA '
-                   f'{own[-1]["compiled_mib"] / own[0]["compiled_mib"]:.2f}, '
-                   f'{peak_name.removesuffix(" MiB")} {own[-1]["peak_mib"] / own[0]["peak_mib"]:.2f}')
+      'rows: the residual stack, whole feed-forward', '']
+  if depth_rows:
+    lines += [f'### Depth at T = {_SEQ_LEN.value}', '',
+              f'| layers | stack | XLA MiB | XLA temp MiB | {peak_name} | step s | loss |',
+              '|---:|---|---:|---:|---:|---:|---:|']
+    for r in depth_rows:
+      lines.append(f'| {r["layers"]} | {"reversible" if r["reversible"] else "plain"} | '
+                   f'{cell(r, "compiled_mib", ",.1f")} | {cell(r, "temp_mib", ",.1f")} | '
+                   f'{cell(r, "peak_mib", ",.1f")} | {cell(r, "step_s", ".1f")} | '
+                   f'{cell(r, "loss", ".3f")} |')
+    lines += ['', f'Peak({max(r["layers"] for r in depth_rows)} layers) / peak('
+              f'{min(r["layers"] for r in depth_rows)} layers):', '']
+    for reversible in (False, True):
+      own = sorted((r for r in depth_rows if r['reversible'] == reversible and 'peak_mib' in r),
+                   key=lambda r: r['layers'])
+      if len(own) >= 2:
+        lines.append(f'- {"reversible" if reversible else "plain"}: XLA '
+                     f'{own[-1]["compiled_mib"] / own[0]["compiled_mib"]:.2f}, '
+                     f'{peak_name.removesuffix(" MiB")} '
+                     f'{own[-1]["peak_mib"] / own[0]["peak_mib"]:.2f}')
   lines += ['', f'### Longest T, {_LONG_LAYERS.value} layers, reversible, chunked feed-forward '
             f'(budget {_BUDGET_GIB.value:g} GiB of XLA memory analysis)', '',
             f'| T | XLA MiB | XLA temp MiB | compile s | {peak_name} | step s | loss |',
@@ -167,7 +169,7 @@ def main(argv: list[str]) -> None:
     return
   # Fresh processes only: this one never starts a backend (it would hold GPU memory).
   depth_rows = [run_one(_SEQ_LEN.value, int(n), rev, True)
-                for n in _DEPTHS.value for rev in (False, True)]
+                for n in _DEPTHS.value for rev in (False, True)]  # --depths= (empty): none
   long_rows = [run_one(int(t), _LONG_LAYERS.value, True, False) for t in _LONG_LENGTHS.value]
   fits = [r for r in long_rows if r['status'] == 'ok' and r['compiled_mib'] <= _BUDGET_GIB.value * 1024]
   if fits:
