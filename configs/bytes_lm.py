@@ -33,7 +33,7 @@ import ml_collections
 
 from efflong import config as config_lib
 
-ARGS = dict(attention='dense', seq_len=128, layers=2, corpus='stdlib', mem_len=0, smoke=False,
+ARGS = dict(attention='dense', seq_len=64, layers=2, corpus='stdlib', mem_len=0, smoke=False,
             xl=False)
 FAMILIES = ('dense', 'local', 'lsh', 'linear', 'performer', 'xl')
 
@@ -53,19 +53,19 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.model.positions = 'none'
   c.model.mem_len = args['mem_len']
   c.model.num_layers = args['layers']
-  c.model.d_model = 256
+  c.model.d_model = 128
   c.model.num_heads = 4
-  c.model.d_ff = 1024
+  c.model.d_ff = 512
 
-  c.train.steps = 3000
-  c.train.batch_size = 32
-  c.train.learning_rate = 1e-3
+  c.train.steps = 2000
+  c.train.batch_size = 16
+  c.train.learning_rate = 2e-3
   c.train.warmup_steps = 200
   c.train.log_every = 50
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
-  c.eval.steps = 32
-  c.eval.batch_size = 32
+  c.eval.steps = 64
+  c.eval.batch_size = 16
 
   if args['smoke']:
     c.model.d_model, c.model.num_heads, c.model.d_ff = 32, 2, 64

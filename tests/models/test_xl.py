@@ -13,9 +13,17 @@ T, B = 8, 2
 
 
 def xl_model(**model):
+  """(model config, the smoke XL model as a jit'd function (batch, memory=None) -> its output)."""
   config = load_config_module('bytes_lm').get_config(f'attention=xl,smoke,seq_len={T}')
   config.model.update(model)
-  return config.model, models.build(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(models.build(config, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def run(state, batch, memory):
+    model = nnx.merge(graphdef, state)
+    return model(batch) if memory is None else model(batch, memory=memory)
+
+  return config.model, lambda batch, memory=None: run(state, batch, memory)
 
 
 def tokens(length, seed=0):
