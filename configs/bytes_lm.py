@@ -68,10 +68,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.eval.batch_size = 16
 
   if args['smoke']:
-    c.model.d_model, c.model.num_heads, c.model.d_ff = 32, 2, 64
-    c.train.steps, c.train.batch_size, c.train.warmup_steps = 6, 8, 2
-    c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 3
-    c.eval.steps, c.eval.batch_size = 1, 8
+    config_lib.smoke(c)
   return c
 
 

@@ -151,6 +151,15 @@ def base(task_name: str) -> ml_collections.ConfigDict:
   return c
 
 
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """Shrinks c to what the tests run: a tiny model (d_model 32, 2 heads), 6 steps of 8 examples,
+  logs, evals and checkpoints every 3 steps, one eval batch of 8."""
+  c.model.d_model, c.model.num_heads, c.model.d_ff = 32, 2, 64
+  c.train.steps, c.train.batch_size, c.train.warmup_steps = 6, 8, 2
+  c.train.log_every = c.train.eval_every = c.train.checkpoint_every = 3
+  c.eval.steps, c.eval.batch_size = 1, 8
+
+
 def set_attention(c: ml_collections.ConfigDict, name: str) -> None:
   """Selects an attention family and resets both attention_kw sections to its hyper-parameters."""
   c.model.attention = name

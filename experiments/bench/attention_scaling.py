@@ -241,10 +241,7 @@ def main(argv: list[str]) -> None:
   text = report(rows, notes, lengths)
   print(text)
   if _OUT.value:
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + '.md').write_text(text)
-    out.with_name(out.name + '.json').write_text(json.dumps(rows, indent=1))
+    out = benchlib.write(_OUT.value, text, rows)
     try:
       plot(rows, out.with_name(out.name + '.png'))
     except ImportError:

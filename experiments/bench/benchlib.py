@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pathlib
 import platform
 import re
 import shlex
@@ -32,6 +33,15 @@ def run_child(script: str, args: list[str], row: dict[str, Any], timeout_s: floa
   lines = [line for line in child.stderr.splitlines() if line.strip()] or ['no message']
   error = [line for line in lines if re.match(r'[\w.]+(Error|Exception)\b', line)] or lines
   return {**row, 'status': f'failed ({child.returncode}): {error[-1].replace("|", "/")[:200]}'}
+
+
+def write(out: str, text: str, rows: list[dict[str, Any]]) -> pathlib.Path:
+  """Writes <out>.md (text) and <out>.json (rows), making the folder; returns <out> as a Path."""
+  path = pathlib.Path(out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.with_name(path.name + '.md').write_text(text)
+  path.with_name(path.name + '.json').write_text(json.dumps(rows, indent=1))
+  return path
 
 
 def header(device: str) -> list[str]:

@@ -178,10 +178,7 @@ def main(argv: list[str]) -> None:
   text = report(depth_rows, long_rows)
   print(text)
   if _OUT.value:
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + '.md').write_text(text)
-    out.with_name(out.name + '.json').write_text(json.dumps(depth_rows + long_rows, indent=1))
+    benchlib.write(_OUT.value, text, depth_rows + long_rows)
   if not np.isfinite([r.get('loss', 0.0) for r in depth_rows + long_rows]).all():
     sys.exit('a measured step had a non-finite loss')
 

@@ -127,10 +127,7 @@ def main(argv: list[str]) -> None:
   text = '\n'.join(lines) + '\n'
   print(text)
   if _OUT.value:
-    out = pathlib.Path(_OUT.value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + '.md').write_text(text)
-    out.with_name(out.name + '.json').write_text(json.dumps(rows, indent=1))
+    benchlib.write(_OUT.value, text, rows)
 
 
 if __name__ == '__main__':
