@@ -35,6 +35,7 @@ from efflong import config as config_lib
 
 ARGS = dict(attention='dense', seq_len=64, layers=2, corpus='stdlib', mem_len=0, smoke=False,
             xl=False)
+CURVES = ('eval/bits_per_byte', 'train/bits_per_byte')  # what a sweep plots against step
 FAMILIES = ('dense', 'local', 'lsh', 'linear', 'performer', 'xl')
 
 

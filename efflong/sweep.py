@@ -30,7 +30,8 @@ from efflong import config as config_lib
 from efflong import main as train_main  # defines --config and --workdir, parse_flags checks them
 
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Points to train at once.', lower_bound=1)
-_CURVES = ('eval/accuracy', 'train/loss')  # metrics.jsonl keys plotted against step
+# metrics.jsonl keys plotted against step; a config module's CURVES tuple replaces them.
+_CURVES = ('eval/accuracy', 'train/loss')
 
 
 def _safe(text: str, keep: str = '') -> str:
@@ -141,12 +142,12 @@ def _curve(point_dir: str, key: str) -> tuple[list[int], list[float]]:
   return steps, [values[s] for s in steps]
 
 
-def write_plot(root: str, names: list[str]) -> bool:
-  """Writes sweep.png: _CURVES against step, one line per point; False if there is no curve."""
+def write_plot(root: str, names: list[str], curves: tuple[str, ...] = _CURVES) -> bool:
+  """Writes sweep.png: curves against step, one line per point; False if there is no curve."""
   fig = Figure(figsize=(12, 4.5), layout='constrained')
-  axes = fig.subplots(1, len(_CURVES))
+  axes = fig.subplots(1, len(curves))
   plotted = False
-  for ax, key in zip(axes, _CURVES):
+  for ax, key in zip(axes, curves):
     for name in names:
       steps, values = _curve(os.path.join(root, name), key)
       if steps:
@@ -242,7 +243,8 @@ def main(argv: list[str]) -> None:
   if finished:
     command = shlex.join(['python', '-m', 'efflong.sweep', *sys.argv[1:]])
     table = write_tables(root, finished, command)
-    plotted = write_plot(root, list(finished))
+    curves = getattr(config_lib.load_module(config_path), 'CURVES', _CURVES)
+    plotted = write_plot(root, list(finished), curves)
     print(f'\n{table}\n\nWrote sweep.csv, sweep.md{", sweep.png" if plotted else ""} in '
           f'{os.path.abspath(root)}')
   if failed:
