@@ -81,6 +81,7 @@ def _write_atomically(path: str, data: np.ndarray) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data.tobytes())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared data
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
