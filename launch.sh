@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # efflong bootstrap. Creates .venv and installs the package on first use (or when setup.cfg
 # changes), then runs one of:
-#   ./launch.sh [flags]                  train; default: the duplication task on the CPU
+#   ./launch.sh [flags]                  train; default: the duplication task with LSH attention
 #   ./launch.sh test [pytest args]       the test suite, over all cores
 #   ./launch.sh sweep --config=configs/<task>.py:<arg> [--parallel N] [--workdir DIR]
 #   ./launch.sh bench <script> [args]    a benchmark under experiments/bench/
@@ -59,7 +59,7 @@ case "${1:-train}" in
   train) shift || true ;&
   *)
     args=("$@")
-    printf '%s\n' "${args[@]}" | grep -q -- '^--config=' || args=(--config=configs/duplication.py "${args[@]}")
+    printf '%s\n' "${args[@]}" | grep -q -- '^--config=' || args=(--config=configs/duplication.py:attention=lsh "${args[@]}")
     printf '%s\n' "${args[@]}" | grep -q -- '^--workdir=' || args=("${args[@]}" --workdir=runs/duplication)
     exec "$PY" -m efflong.main "${args[@]}"
     ;;

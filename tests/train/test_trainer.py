@@ -186,3 +186,15 @@ def test_memory_settings_are_checked(tmp_path, task, arg, model, match):
   config.model.update(model)
   with pytest.raises(ValueError, match=match):
     trainer.check_memory(config, tasks.build(config))
+
+
+def test_eval_may_use_a_longer_memory(tmp_path):
+  """eval.mem_len sets the evaluation's memory only; the train state keeps model.mem_len."""
+  config = smoke_config(task='bytes_lm', arg='attention=xl,mem_len=8')
+  config.task.corpus = byte_corpus(tmp_path, 1600)
+  config.eval.mem_len = 24
+  run = trainer.setup(config)
+  assert run.abstract.memory['hidden'].shape == (2, 8, 8, 32)  # [L, B, M, D]
+  assert run.init_eval_memory()['hidden'].shape == (2, 8, 24, 32)
+  config.eval.mem_len = None
+  assert trainer.setup(config).init_eval_memory()['hidden'].shape == (2, 8, 8, 32)
