@@ -135,8 +135,11 @@ def get(name: str) -> Family:
   return _REGISTRY[name]
 
 
-def names() -> list[str]:
-  return sorted(_REGISTRY)
+def names(**supports: bool) -> list[str]:
+  """The registered names, sorted; with e.g. memory=True only the families whose Family field
+  `memory` is True."""
+  return sorted(n for n, f in _REGISTRY.items()
+                if all(getattr(f, k) == v for k, v in supports.items()))
 
 
 def before_step(model: Any, key: Any, step: Any) -> None:

@@ -68,7 +68,7 @@ class Attention(nnx.Module):
     if memory is not None:
       if not self.takes_memory:
         raise ValueError(f'attention {self.family!r} cannot read a segment memory; families that '
-                         f'can: {[n for n in attention.names() if attention.get(n).memory]}.')
+                         f'can: {attention.names(memory=True)}.')
       if context is not None or global_tokens is not None:
         raise ValueError('a segment memory applies to plain self-attention (no context, no '
                          'global tokens).')

@@ -182,7 +182,7 @@ def check_memory(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
   if not attention.get(m.attention).memory:
     raise ValueError(f'a segment memory needs an attention family with relative positions; got '
                      f'{m.attention!r}; valid: '
-                     f'{[n for n in attention.names() if attention.get(n).memory]}.')
+                     f'{attention.names(memory=True)}.')
   if m.positions != 'none':
     raise ValueError(f"a segment memory needs model.positions='none' (relative positions only); "
                      f'got {m.positions!r}.')
@@ -240,9 +240,10 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   train_memory = functools.partial(memory, config.train.batch_size, config.model.mem_len)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params,
                         model_state=abs_rest, opt_state=jax.eval_shape(tx.init, abs_params))
+  abs_memory = jax.eval_shape(train_memory)
   shardings = sharding.state_shardings(abstract, mesh, rules).replace(
-      memory=_memory_shardings(jax.eval_shape(train_memory), batch_sharding))
-  abstract = abstract.replace(memory=jax.eval_shape(train_memory))
+      memory=_memory_shardings(abs_memory, batch_sharding))
+  abstract = abstract.replace(memory=abs_memory)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init() -> TrainState:
