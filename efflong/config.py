@@ -111,6 +111,8 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       num_kv_heads=0,             # 0: as many as num_heads; fewer: grouped-query attention
       d_ff=512,
       attention='dense',          # a name in efflong.attention.names()
+      attention_impl='xla',       # xla | pallas | auto (Pallas on the GPU where the family has a
+                                  # kernel, efflong.kernels; elsewhere XLA)
       dropout_rate=0.0,
       norm='pre',                 # pre | post
       activation='gelu',          # gelu | relu

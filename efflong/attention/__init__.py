@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 
+from efflong import kernels
 from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, lsh,
                                performer, relative, sparse)
 from efflong.attention.mask import Mask
@@ -48,6 +49,8 @@ class Family:
     before_step: None, or `before_step(model, key, step)`, run by the trainer inside every train
       step before the forward pass; it updates the family's module state in place (e.g. redraws
       random features). It must leave models without the family's modules unchanged.
+
+  A family has a Pallas path when attend takes `impl` ('xla' | 'pallas'); see `pallas`.
   """
 
   name: str
@@ -61,11 +64,16 @@ class Family:
   shared_qk: bool = False
   memory: bool = False
 
+  @property
+  def pallas(self) -> bool:
+    """Whether attend has a Pallas path (efflong.kernels): it takes the keyword `impl`."""
+    return 'impl' in inspect.signature(self.attend).parameters
+
   def hyper_parameters(self) -> dict[str, tuple[inspect.Parameter, Any]]:
     """name -> (parameter, type hint): attend's keyword-only parameters (less mask and inputs),
     then the module factory's keyword-only ones (less the layer's)."""
     out = {}
-    for fn, skip in ((self.attend, {'mask', *self.inputs}), (self.module, _LAYER_ARGS)):
+    for fn, skip in ((self.attend, {'mask', 'impl', *self.inputs}), (self.module, _LAYER_ARGS)):
       if fn is None:
         continue
       hints = typing.get_type_hints(fn)
@@ -80,13 +88,16 @@ class Family:
     return {p.name for p in inspect.signature(self.module).parameters.values()
             if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name not in _LAYER_ARGS}
 
-  def bind(self, *, causal: bool, **hyper: Any) -> AttendFn:
+  def bind(self, *, causal: bool, impl: str = 'xla', **hyper: Any) -> AttendFn:
     """Returns attend with its hyper-parameters fixed, after checking them all (the module's too).
+
+    impl ('xla' | 'pallas' | 'auto', `config.model.attention_impl`) picks the family's Pallas
+    path: 'auto' takes it where it is compiled (the GPU) and the family has one.
 
     Raises:
       TypeError: a hyper-parameter the family does not take.
-      ValueError: a required hyper-parameter is missing or None, or the family does not support
-        this masking direction.
+      ValueError: a required hyper-parameter is missing or None, the family does not support
+        this masking direction, or impl is 'pallas' and the family has no Pallas path.
     """
     params = self.hyper_parameters()
     unknown = sorted(set(hyper) - set(params))
@@ -102,8 +113,15 @@ class Family:
       raise ValueError(f'attention {self.name!r} does not support causal masking{why}.')
     if not causal and not self.bidirectional:
       raise ValueError(f'attention {self.name!r} does not support bidirectional attention{why}.')
+    resolved = kernels.resolve(impl)
+    if impl == 'pallas' and not self.pallas:
+      raise ValueError(f"attention {self.name!r} has no Pallas path (attention_impl='pallas'); "
+                       f'families with one: {names(pallas=True)}.')
     own = self._module_names()
-    return functools.partial(self.attend, **{k: v for k, v in hyper.items() if k not in own})
+    fixed = {k: v for k, v in hyper.items() if k not in own}
+    if self.pallas:
+      fixed['impl'] = resolved
+    return functools.partial(self.attend, **fixed)
 
   def make_module(self, hyper: dict[str, Any], **layer: Any) -> Any:
     """The family's module for one attention layer (None if it has none); see `module`."""

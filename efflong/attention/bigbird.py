@@ -38,7 +38,7 @@ def random_layout(t: int, *, heads: int, block: int, window: int, random_blocks:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int = 1,
            global_tokens: int = 0, random_blocks: int = 3, block: int = 64, seed: int = 0,
-           scale: float | None = None) -> jax.Array:
+           scale: float | None = None, impl: str = 'xla') -> jax.Array:
   """BigBird block-sparse attention.
 
   Args:
@@ -51,6 +51,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int 
     block: C, the block size.
     seed: seed of the random blocks; the pattern is fixed for a given (T, seed).
     scale: logit scale; default H ** -0.5.
+    impl: 'xla' or 'pallas' (efflong.kernels.flash_attention), see `blocksparse.attend_layout`.
   Returns:
     [B, T, N, H].
   """
@@ -65,5 +66,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int 
                          causal=mask.causal, seed=seed)
   out = longformer.attend_with_globals(q, k, v, mask=mask, layout=layout,
                                        global_tokens=global_tokens, global_qkv=None,
-                                       scale=h ** -0.5 if scale is None else scale)
+                                       scale=h ** -0.5 if scale is None else scale, impl=impl)
   return out.astype(q.dtype)

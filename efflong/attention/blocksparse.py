@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflong import kernels
 from efflong.attention import dense
 from efflong.attention.mask import Mask
+from efflong.kernels import flash_attention
 
 EMPTY, PATTERN, FULL = 0, 1, 2
 
@@ -127,7 +129,8 @@ def _inverse(index: np.ndarray, length: int) -> np.ndarray:
 
 
 def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layout: Layout,
-                  scale: float, exclude: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                  scale: float, exclude: jax.Array | None = None,
+                  impl: str = 'xla') -> tuple[jax.Array, jax.Array]:
   """One block-sparse part: softmax attention over the pairs the layout and the mask allow.
 
   Args:
@@ -137,6 +140,8 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
     layout: the part's layout; L is 1 or N.
     scale: logit scale.
     exclude: [B, S] bool keys this part must not see (another part covers them), or None.
+    impl: 'xla' (gathered key tiles, here) or 'pallas' (efflong.kernels.flash_attention, which
+      reads the visited tiles in place and skips tiles with no allowed pair).
   Returns:
     out [B, T, N, H] float32, normalised over this part's keys (zeros where it has none), and
     lse [B, T, N] float32, the log-sum-exp of its logits (NEG_INF where it has none).
@@ -150,6 +155,11 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
   k_index = identity_index(s, c) if layout.k_index is None else layout.k_index
   if lh not in (1, n) or len(q_index) != nq * c or np.max(layout.kv_blocks) * c >= len(k_index):
     raise ValueError(f'Layout [{lh}, {nq}, {nv}] x block {c} does not fit T={t}, S={s}, N={n}.')
+  impl = kernels.resolve(impl)
+  if impl == 'pallas':
+    out, lse = _attend_kernel(q, k, v, mask=mask, layout=layout, scale=scale, exclude=exclude,
+                              q_index=q_index, k_index=k_index)
+    return _unpermute(out, lse, layout.q_index, q_index, t)
 
   # Original positions of every query slot [Nq, C] and visited key slot [Kl, Gl, Nq, V*C].
   q_pos = jnp.asarray(q_index.reshape(nq, c))
@@ -157,17 +167,11 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
   k_pos = jnp.asarray(k_index.reshape(-1, c)[blocks].reshape(*blocks.shape[:3], nv * c))
   kind = jnp.asarray(np.repeat(layout.kind.reshape(blocks.shape), c, axis=-1))
 
-  def permute(x: jax.Array, index: np.ndarray | None, length: int) -> jax.Array:
-    """x [B, S, ...] -> [B, len(index), ...]: in slot order (padding slots read position 0)."""
-    if index is None:
-      return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
-    return jnp.take(x, jnp.asarray(np.maximum(index, 0)), axis=1)
-
-  qb = permute(q, layout.q_index, nq * c).reshape(b, nq, c, kh, g, h)
+  qb = _permute(q, layout.q_index, nq * c).reshape(b, nq, c, kh, g, h)
   blk = jnp.asarray(blocks)                                  # [Kl, Gl, Nq, V]
 
   def gather(x: jax.Array) -> jax.Array:  # [B, S, K, H] -> [B, K, Gl, Nq, V*C, H]
-    xb = jnp.moveaxis(permute(x, layout.k_index, len(k_index)), 2, 1)
+    xb = jnp.moveaxis(_permute(x, layout.k_index, len(k_index)), 2, 1)
     xb = xb.reshape(b, kh, len(k_index) // c, c, h)          # [B, K, key blocks, C, H]
     if lh == 1:  # Whole blocks are gathered: contiguous C x H copies (and adds, backwards).
       out = jnp.take(xb, blk[0], axis=2)
@@ -201,10 +205,44 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
                    preferred_element_type=jnp.float32)
   out = out / jnp.moveaxis(total, (3, 4), (1, 2))[..., None]
   out, lse = out.reshape(b, nq * c, n, h), jnp.moveaxis(lse, (3, 4), (1, 2)).reshape(b, nq * c, n)
-  if layout.q_index is None:
+  return _unpermute(out, lse, layout.q_index, q_index, t)
+
+
+def _permute(x: jax.Array, index: np.ndarray | None, length: int) -> jax.Array:
+  """x [B, S, ...] -> [B, length, ...] in slot order (padding slots read position 0)."""
+  if index is None:
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+  return jnp.take(x, jnp.asarray(np.maximum(index, 0)), axis=1)
+
+
+def _unpermute(out: jax.Array, lse: jax.Array, index: np.ndarray | None, q_index: np.ndarray,
+               t: int) -> tuple[jax.Array, jax.Array]:
+  """out [B, Nq * C, N, H] and lse [B, Nq * C, N] from slot order back to the T positions."""
+  if index is None:
     return out[:, :t], lse[:, :t]
   inverse = jnp.asarray(_inverse(q_index, t))
   return jnp.take(out, inverse, axis=1), jnp.take(lse, inverse, axis=1)
+
+
+def _attend_kernel(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layout: Layout,
+                   scale: float, exclude: jax.Array | None, q_index: np.ndarray,
+                   k_index: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """attend_layout's Pallas path, in slot order: out [B, Nq * C, N, H], lse [B, Nq * C, N]."""
+  blocks, flags, count = flash_attention.compact(layout.kv_blocks, layout.kind != EMPTY,
+                                                 layout.kind == PATTERN)
+  spec = flash_attention.Spec(layout.block, blocks, flags, count, layout.pattern, mask.causal,
+                              q.shape[1], k.shape[1], scale, interpret=kernels.interpret())
+  k_pos = jnp.asarray(k_index)[None, None]
+  if exclude is not None:
+    k_pos = jnp.where(_gather(exclude, jnp.asarray(k_index)), -1, k_pos[0])[:, None]
+  segs = {}
+  if mask.q_segment_ids is not None:
+    segs = dict(q_seg=_gather(mask.q_segment_ids, jnp.asarray(q_index))[:, None],
+                k_seg=_gather(mask.kv_segment_ids, jnp.asarray(k_index))[:, None])
+  return flash_attention.attend_slots(
+      _permute(q, layout.q_index, len(q_index)), _permute(k, layout.k_index, len(k_index)),
+      _permute(v, layout.k_index, len(k_index)), spec=spec, q_pos=jnp.asarray(q_index)[None, None],
+      k_pos=k_pos, **segs)
 
 
 def _gather(x: jax.Array, index: jax.Array) -> jax.Array:

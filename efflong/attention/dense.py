@@ -8,10 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efflong.attention.mask import Mask
-
-# Finite, so a row that sees no key gives a uniform softmax (then zeroed) rather than NaN.
-NEG_INF = -1e30
+from efflong import kernels
+from efflong.attention.mask import NEG_INF, Mask
+from efflong.kernels import flash_attention
 
 
 def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> None:
@@ -75,7 +74,7 @@ def attend_allowed(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
-           scale: float | None = None) -> jax.Array:
+           scale: float | None = None, impl: str = 'xla') -> jax.Array:
   """Full softmax attention.
 
   Args:
@@ -84,11 +83,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
     v: [B, S, K, H] values.
     mask: which keys each query sees.
     scale: logit scale; default H ** -0.5.
+    impl: 'xla' (the explicit T x S computation here) or 'pallas' (the FlashAttention kernels,
+      efflong.kernels.flash_attention, with their causal tiles only).
   Returns:
     [B, T, N, H]; a query that sees no key gets zeros.
   """
   check_shapes(q, k, v, mask)
+  impl = kernels.resolve(impl)
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
   scale = h ** -0.5 if scale is None else scale
-  out, _ = attend_allowed(q, k, v, mask.materialize(t, s)[:, None], scale)
+  if impl == 'pallas':
+    out, _ = flash_attention.attend(q, k, v, mask=mask, scale=scale)
+  else:
+    out, _ = attend_allowed(q, k, v, mask.materialize(t, s)[:, None], scale)
   return out.astype(q.dtype)

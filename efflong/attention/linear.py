@@ -14,6 +14,8 @@ anti-causal pass (the reversed sequence, excluding the diagonal).
 
 The core `attend_features` takes the features; `attend` is the Linear Transformer (phi = elu + 1 or
 relu); `performer` supplies FAVOR+ features to the same core. `step` is the recurrent form for decoding.
+With impl='pallas' the causal prefix sums run in the Pallas kernels of
+`efflong.kernels.linear_attention` (`_prefix` here is their XLA twin).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from efflong import kernels
 from efflong.attention import dense
 from efflong.attention.mask import Mask
+from efflong.kernels import linear_attention
 
 EPS = 1e-6  # The Linear Transformer's denominator epsilon: relu features may see no key mass.
 
@@ -98,7 +102,7 @@ def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk
 
 
 def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
-                    chunk: int = 64, eps: float = EPS) -> jax.Array:
+                    chunk: int = 64, eps: float = EPS, impl: str = 'xla') -> jax.Array:
   """out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps) over the keys query i sees.
 
   Args:
@@ -109,10 +113,13 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
     chunk: C, tokens per chunk of the causal / segmented path (any C; T is padded).
     eps: added to the denominator. 0 suits features that are positive up to a common scale (FAVOR+
       with its stabiliser); a zero denominator then gives a zero output, never NaN.
+    impl: the causal / segmented prefix sums: 'xla' (the lax.scan twin) or 'pallas'
+      (efflong.kernels.linear_attention).
   Returns:
     [B, T, N, H] float32.
   """
   _check_chunk(chunk)
+  impl = kernels.resolve(impl)
   b, t, n, _ = qf.shape
   kh = kf.shape[2]
   qf = _group(qf.astype(jnp.float32), kh)
@@ -130,11 +137,12 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
       raise ValueError('kernel attention with a causal mask or segment ids needs self-attention '
                        f'(T == S, one segment id array); got T={t}, S={kf.shape[1]}.')
     seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
-    num, den = _prefix(qf, kf, vf, seg, chunk=chunk, strict=False)
+    prefix = linear_attention.prefix if impl == 'pallas' else _prefix
+    num, den = prefix(qf, kf, vf, seg, chunk=chunk, strict=False)
     if not mask.causal:
       flip = lambda x: jnp.flip(x, axis=1)
-      back_num, back_den = _prefix(flip(qf), flip(kf), flip(vf), flip(seg), chunk=chunk,
-                                   strict=True)
+      back_num, back_den = prefix(flip(qf), flip(kf), flip(vf), flip(seg), chunk=chunk,
+                                  strict=True)
       num, den = num + flip(back_num), den + flip(back_den)
   den = den + eps
   out = num / jnp.where(den > 0, den, 1.0)[..., None]
@@ -142,7 +150,7 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, feature_map: str = 'elu',
-           chunk: int = 64) -> jax.Array:
+           chunk: int = 64, impl: str = 'xla') -> jax.Array:
   """Linear Transformer attention with phi = elu + 1 (the paper's) or relu.
 
   Args:
@@ -151,6 +159,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, feature_map:
     mask: causal flag and segment ids (contiguous runs).
     feature_map: 'elu' or 'relu'.
     chunk: C of the chunked prefix sums.
+    impl: 'xla' (the lax.scan twin) or 'pallas' (efflong.kernels.linear_attention).
   Returns:
     [B, T, N, H].
   """
@@ -160,7 +169,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, feature_map:
   phi = FEATURE_MAPS[feature_map]
   qf = phi(q.astype(jnp.float32))
   kf = phi(k.astype(jnp.float32))
-  return attend_features(qf, kf, v, mask=mask, chunk=chunk).astype(q.dtype)
+  return attend_features(qf, kf, v, mask=mask, chunk=chunk, impl=impl).astype(q.dtype)
 
 
 class State(NamedTuple):

@@ -48,10 +48,9 @@ def band_layout(t: int, s: int, *, window: int, dilation: Dilation, causal: bool
       dilation = dilation[0]
   nq, nk = blocksparse.num_blocks(t, block), blocksparse.num_blocks(s, block)
   if isinstance(dilation, (tuple, list)):
-    per_head = jnp.asarray(dilation, jnp.int32)
 
-    def pattern(i, j, head):
-      d = per_head[head]
+    def pattern(i, j, head):  # d = dilation[head] from Python ints: no array constant in kernels.
+      d = sum(dh * (head == n).astype(jnp.int32) for n, dh in enumerate(dilation))
       return (jnp.abs(i - j) <= window * d) & ((i - j) % d == 0)
 
     reach = [-(-window * d // block) for d in dilation]
@@ -88,8 +87,8 @@ def check_self(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, name: str, 
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,
-           dilation: Dilation = 1, block: int | None = None,
-           scale: float | None = None) -> jax.Array:
+           dilation: Dilation = 1, block: int | None = None, scale: float | None = None,
+           impl: str = 'xla') -> jax.Array:
   """Sliding-window (dilated) attention.
 
   Args:
@@ -100,6 +99,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,
     dilation: one int, or one per query head.
     block: tile size C of the block-sparse layout (default from the window); any T is padded.
     scale: logit scale; default H ** -0.5.
+    impl: 'xla' or 'pallas' (efflong.kernels.flash_attention), see `blocksparse.attend_layout`.
   Returns:
     [B, T, N, H].
   """
@@ -109,5 +109,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,
   layout = band_layout(t, t, window=window, dilation=dilation, causal=mask.causal, heads=n,
                        block=block or default_block(window))
   out, _ = blocksparse.attend_layout(q, k, v, mask=mask, layout=layout,
-                                     scale=h ** -0.5 if scale is None else scale)
+                                     scale=h ** -0.5 if scale is None else scale, impl=impl)
   return out.astype(q.dtype)

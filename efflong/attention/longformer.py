@@ -52,7 +52,7 @@ def check_flags(flags, count: int) -> None:
 def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
                         layout: blocksparse.Layout, global_tokens: int,
                         global_qkv: tuple[jax.Array, jax.Array, jax.Array] | None,
-                        scale: float) -> jax.Array:
+                        scale: float, impl: str) -> jax.Array:
   """A layout's pattern plus global rows and columns; see the module docstring.
 
   Args:
@@ -63,6 +63,8 @@ def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
     global_tokens: G, the number of global slots (0: none, and the mask must not flag any).
     global_qkv: (q_g [B, T, N, H], k_g, v_g [B, T, K, H]) for the global rows, or None to use q, k, v.
     scale: logit scale.
+    impl: 'xla' or 'pallas' for the layout's part (piece 1); pieces 2 and 3 are O(T * G) and
+      stay in XLA.
   Returns:
     [B, T, N, H] float32.
   """
@@ -71,7 +73,8 @@ def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
     if mask.global_tokens is not None:
       raise ValueError("the batch flags global tokens but the attention has global_tokens=0 "
                        'slots; set global_tokens to the most a row flags.')
-    return blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=scale)[0]
+    return blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=scale,
+                                     impl=impl)[0]
   index, valid = global_slots(mask, t, global_tokens)                 # [B|1, G]
   index = jnp.broadcast_to(index, (b, global_tokens))
   valid = jnp.broadcast_to(valid, (b, global_tokens))
@@ -80,7 +83,7 @@ def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
   pos = jnp.arange(t)
 
   window = blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=scale,
-                                     exclude=is_global)
+                                     exclude=is_global, impl=impl)
   take = lambda x: jnp.take_along_axis(x, jnp.minimum(index, t - 1)[:, :, None, None], axis=1)
   cols_ok = valid[:, None, :] & mask.allowed(
       pos[None, :, None], index[:, None, :],
@@ -102,7 +105,7 @@ def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,
            dilation: local.Dilation = 1, global_tokens: int = 0, separate_global: bool = True,
            global_qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
-           block: int | None = None, scale: float | None = None) -> jax.Array:
+           block: int | None = None, scale: float | None = None, impl: str = 'xla') -> jax.Array:
   """Longformer attention.
 
   Args:
@@ -116,6 +119,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,
     global_qkv: (q_g, k_g, v_g) shaped like (q, k, v); required when separate_global and G > 0.
     block: tile size of the window's layout (default from the window).
     scale: logit scale; default H ** -0.5.
+    impl: 'xla' or 'pallas' (efflong.kernels.flash_attention), see `blocksparse.attend_layout`.
   Returns:
     [B, T, N, H].
   """
@@ -132,7 +136,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,
                              block=block or local.default_block(window))
   out = attend_with_globals(q, k, v, mask=mask, layout=layout, global_tokens=global_tokens,
                             global_qkv=global_qkv if separate_global else None,
-                            scale=h ** -0.5 if scale is None else scale)
+                            scale=h ** -0.5 if scale is None else scale, impl=impl)
   return out.astype(q.dtype)
 
 

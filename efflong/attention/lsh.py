@@ -25,10 +25,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from efflong import kernels
 from efflong.attention import dense
 from efflong.attention.mask import Mask
+from efflong.kernels import flash_attention
 
 SELF = -1e5  # A token's logit for itself: below any real logit, above a masked one.
 
@@ -118,8 +121,66 @@ def check(n_hashes: int, bucket_size: int, n_buckets: int | None) -> None:
                      'bucket_size).')
 
 
+def _sorted_xla(sq: jax.Array, sk: jax.Array, sv: jax.Array, spos: jax.Array, svalid: jax.Array,
+                sseg: jax.Array | None, *, mask: Mask, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """Attention within the sorted sequence: each chunk over itself and the previous chunk.
+
+  Args:
+    sq, sk, sv: [B, N, R, Tp, H] queries, unit keys and values in sorted order.
+    spos: [B, N, R, Tp] original positions; svalid: [B, N, R, Tp] bool, not padding.
+    sseg: [B, N, R, Tp] segment ids, or None.
+    mask: its causal flag applies on the original positions.
+    chunk: C, dividing Tp.
+  Returns:
+    out [B, N, R, Tp, H] and lse [B, N, R, Tp], float32, in sorted order.
+  """
+  b, n, r, padded, h = sq.shape
+  chunks = padded // chunk
+  split = lambda x: x.reshape(b, n, r, chunks, chunk, *x.shape[4:])
+  sq, sk, sv, qpos, kpos, kvalid = map(split, (sq, sk, sv, spos, spos, svalid))
+  qseg = kseg = None if sseg is None else split(sseg)
+  if chunks > 1:
+    sk, sv, kpos, kvalid = map(_look_back, (sk, sv, kpos, kvalid))
+    kseg = None if kseg is None else _look_back(kseg)
+  logits = jnp.einsum('BNRLCH,BNRLSH->BNRLCS', sq, sk,
+                      preferred_element_type=jnp.float32) * h ** -0.5
+  qp, kp = qpos[..., :, None], kpos[..., None, :]
+  allowed = mask.allowed(qp, kp, None if qseg is None else qseg[..., :, None],
+                         None if kseg is None else kseg[..., None, :], padded, padded)
+  allowed = allowed & kvalid[..., None, :]
+  logits = jnp.where(qp == kp, SELF, logits)
+  probs, total, lse = dense.softmax(logits, allowed)
+  out = jnp.einsum('BNRLCS,BNRLSH->BNRLCH', probs.astype(sv.dtype), sv,
+                   preferred_element_type=jnp.float32) / total[..., None]
+  return out.reshape(b, n, r, padded, h), lse.reshape(b, n, r, padded)
+
+
+def _sorted_kernel(sq: jax.Array, sk: jax.Array, sv: jax.Array, spos: jax.Array,
+                   svalid: jax.Array, sseg: jax.Array | None, *, mask: Mask,
+                   chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`_sorted_xla` through the block-sparse kernel: each (head, round) is a lane whose tiles are the
+  chunks; tile i visits tiles i and i - 1 (wrapping), with the lane's positions and ids."""
+  b, n, r, padded, h = sq.shape
+  chunks = padded // chunk
+  visits = [[i, (i - 1) % chunks] if chunks > 1 else [i] for i in range(chunks)]
+  blocks = np.asarray(visits, np.int32)[None]
+  spec = flash_attention.Spec(chunk, blocks, np.zeros_like(blocks),
+                              np.full(blocks.shape[:2], blocks.shape[2], np.int32), None,
+                              mask.causal, padded, padded, h ** -0.5, self_logit=SELF,
+                              interpret=kernels.interpret())
+  lanes = lambda x: x.reshape(b, n * r, padded, *x.shape[4:])       # [B, N * R, Tp, ...]
+  seq = lambda x: jnp.moveaxis(lanes(x), 1, 2)                      # [B, Tp, N * R, H]
+  segs = {} if sseg is None else dict(q_seg=lanes(sseg), k_seg=lanes(sseg))
+  out, lse = flash_attention.attend_slots(
+      seq(sq), seq(sk), seq(sv), spec=spec, q_pos=lanes(spos),
+      k_pos=lanes(jnp.where(svalid, spos, -1)), **segs)
+  return (jnp.moveaxis(out, 2, 1).reshape(b, n, r, padded, h),
+          jnp.moveaxis(lse, 2, 1).reshape(b, n, r, padded))
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Array,
-           n_hashes: int = 1, bucket_size: int = 64, n_buckets: int | None = None) -> jax.Array:
+           n_hashes: int = 1, bucket_size: int = 64, n_buckets: int | None = None,
+           impl: str = 'xla') -> jax.Array:
   """LSH attention with shared QK.
 
   Args:
@@ -132,10 +193,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
     bucket_size: C, the chunk length.
     n_buckets: buckets per round (even); default 2 T / bucket_size (see `default_buckets`);
       factorised above 2 H (see `factors`).
+    impl: 'xla' (the chunks gathered with their look-back, here) or 'pallas': the sorted sequence
+      as a block layout (chunk i visits chunks i and i - 1) through efflong.kernels.flash_attention,
+      positions and segment ids carried per lane.
   Returns:
     [B, T, N, H]; a token that sees no key gets zeros.
   """
   check(n_hashes, bucket_size, n_buckets)
+  impl = kernels.resolve(impl)
   b, t, n, h = q.shape
   if k.shape != q.shape or v.shape[:2] != (b, t) or v.shape[3] != h or n % v.shape[2]:
     raise ValueError(f'lsh attention is shared-QK self-attention: q and k [B, T, N, H], v '
@@ -169,25 +234,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
   svalid = jnp.take_along_axis(rows(valid), perm, axis=-1)
   sseg = None if seg is None else jnp.take_along_axis(rows(seg), perm, axis=-1)
 
-  chunks = padded // chunk
-  split = lambda x: x.reshape(b, n, n_hashes, chunks, chunk, *x.shape[4:])
-  sq, sk, sv, qpos, kpos, kvalid = map(split, (sq, sk, sv, spos, spos, svalid))
-  qseg = kseg = None if sseg is None else split(sseg)
-  if chunks > 1:
-    sk, sv, kpos, kvalid = map(_look_back, (sk, sv, kpos, kvalid))
-    kseg = None if kseg is None else _look_back(kseg)
-  logits = jnp.einsum('BNRLCH,BNRLSH->BNRLCS', sq, sk,
-                      preferred_element_type=jnp.float32) * h ** -0.5
-  qp, kp = qpos[..., :, None], kpos[..., None, :]
-  allowed = mask.allowed(qp, kp, None if qseg is None else qseg[..., :, None],
-                         None if kseg is None else kseg[..., None, :], padded, padded)
-  allowed = allowed & kvalid[..., None, :]
-  logits = jnp.where(qp == kp, SELF, logits)
-  probs, total, lse = dense.softmax(logits, allowed)
-  out = jnp.einsum('BNRLCS,BNRLSH->BNRLCH', probs.astype(sv.dtype), sv,
-                   preferred_element_type=jnp.float32) / total[..., None]
-  out = permute(out.reshape(b, n, n_hashes, padded, h), inverse, perm)
-  lse = permute(lse.reshape(b, n, n_hashes, padded), inverse, perm)
+  sorted_attend = _sorted_kernel if impl == 'pallas' else _sorted_xla
+  out, lse = sorted_attend(sq, sk, sv, spos, svalid, sseg, mask=mask, chunk=chunk)
+  out = permute(out, inverse, perm)
+  lse = permute(lse, inverse, perm)
   if n_hashes > 1:   # Section 2: the rounds weighted by exp(lse_r - logsumexp_r lse_r).
     out = jnp.sum(out * jax.nn.softmax(lse, axis=2)[..., None], axis=2)
   else:

@@ -14,6 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+# The logit of a pair the mask forbids: finite, so a row that sees no key gives a uniform softmax
+# (then zeroed) rather than NaN.
+NEG_INF = -1e30
+
 
 @struct.dataclass
 class Mask:

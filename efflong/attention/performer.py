@@ -57,7 +57,7 @@ def features(x: jax.Array, w: jax.Array, *, kernel: str, is_query: bool) -> jax.
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, projection: jax.Array,
-           kernel: str = 'softmax', chunk: int = 64) -> jax.Array:
+           kernel: str = 'softmax', chunk: int = 64, impl: str = 'xla') -> jax.Array:
   """FAVOR+ attention with a given feature matrix.
 
   Args:
@@ -67,6 +67,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, projection: 
     projection: W [M, H], from `FeatureMatrix` (or `draw`).
     kernel: 'softmax' (positive random features) or 'relu' (the generalised ReLU kernel).
     chunk: C of the chunked prefix sums.
+    impl: 'xla' (the lax.scan twin) or 'pallas' (efflong.kernels.linear_attention).
   Returns:
     [B, T, N, H].
   """
@@ -78,7 +79,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, projection: 
   qf = features(q, projection, kernel=kernel, is_query=True)
   kf = features(k, projection, kernel=kernel, is_query=False)
   eps = linear.EPS if kernel == 'relu' else 0.0   # The stabiliser's scale would make EPS matter.
-  return linear.attend_features(qf, kf, v, mask=mask, chunk=chunk, eps=eps).astype(q.dtype)
+  return linear.attend_features(qf, kf, v, mask=mask, chunk=chunk, eps=eps,
+                               impl=impl).astype(q.dtype)
 
 
 class RandomFeatures(nnx.Variable):

@@ -77,26 +77,26 @@ def _split_heads(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 
 def attend_parts(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layouts: list[Layout],
-                 factorized: bool, scale: float | None) -> jax.Array:
+                 factorized: bool, scale: float | None, impl: str) -> jax.Array:
   """Merges the parts' softmaxes (all heads), or gives each half of the heads one part."""
   n, h = q.shape[2], q.shape[3]
   scale = h ** -0.5 if scale is None else scale
   if not factorized:
-    parts = [blocksparse.attend_layout(q, k, v, mask=mask, layout=lay, scale=scale)
+    parts = [blocksparse.attend_layout(q, k, v, mask=mask, layout=lay, scale=scale, impl=impl)
              for lay in layouts]
     return blocksparse.merge(parts)[0].astype(q.dtype)
   if n % 2:
     raise ValueError(f'factorized=True splits the heads in two; N={n} is odd.')
   halves = zip((q[:, :, :n // 2], q[:, :, n // 2:]), _split_heads(k, n), _split_heads(v, n),
                layouts)
-  outs = [blocksparse.attend_layout(qh, kh, vh, mask=mask, layout=lay, scale=scale)[0]
+  outs = [blocksparse.attend_layout(qh, kh, vh, mask=mask, layout=lay, scale=scale, impl=impl)[0]
           for qh, kh, vh, lay in halves]
   return jnp.concatenate(outs, axis=2).astype(q.dtype)
 
 
 def strided(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, stride: int,
-            factorized: bool = False, block: int | None = None,
-            scale: float | None = None) -> jax.Array:
+            factorized: bool = False, block: int | None = None, scale: float | None = None,
+            impl: str = 'xla') -> jax.Array:
   """Strided sparse attention.
 
   Args:
@@ -107,6 +107,7 @@ def strided(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, stride: int
     factorized: split the two parts over the two halves of the heads.
     block: tile size of the layouts (default from the stride); any T is padded.
     scale: logit scale; default H ** -0.5.
+    impl: 'xla' or 'pallas' (efflong.kernels.flash_attention), see `blocksparse.attend_layout`.
   Returns:
     [B, T, N, H].
   """
@@ -114,11 +115,12 @@ def strided(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, stride: int
   local.check_self(q, k, v, mask, 'strided')
   layouts = strided_layouts(q.shape[1], stride=stride, causal=mask.causal,
                             block=block or local.default_block(stride), disjoint=not factorized)
-  return attend_parts(q, k, v, mask=mask, layouts=layouts, factorized=factorized, scale=scale)
+  return attend_parts(q, k, v, mask=mask, layouts=layouts, factorized=factorized, scale=scale,
+                      impl=impl)
 
 
 def fixed(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, block: int, summary: int = 1,
-          factorized: bool = False, scale: float | None = None) -> jax.Array:
+          factorized: bool = False, scale: float | None = None, impl: str = 'xla') -> jax.Array:
   """Fixed sparse attention.
 
   Args:
@@ -129,6 +131,7 @@ def fixed(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, block: int, s
     summary: c, the last c positions of every block are summary positions (1 <= c <= l).
     factorized: split the two parts over the two halves of the heads.
     scale: logit scale; default H ** -0.5.
+    impl: 'xla' or 'pallas' (efflong.kernels.flash_attention), see `blocksparse.attend_layout`.
   Returns:
     [B, T, N, H].
   """
@@ -138,4 +141,5 @@ def fixed(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, block: int, s
   local.check_self(q, k, v, mask, 'fixed')
   layouts = fixed_layouts(q.shape[1], block=block, summary=summary, causal=mask.causal,
                           disjoint=not factorized)
-  return attend_parts(q, k, v, mask=mask, layouts=layouts, factorized=factorized, scale=scale)
+  return attend_parts(q, k, v, mask=mask, layouts=layouts, factorized=factorized, scale=scale,
+                      impl=impl)

@@ -28,7 +28,7 @@ class Block(nnx.Module):
     self.pre_ln = cfg.norm == 'pre'
     self.dropout_rate = cfg.dropout_rate
     attn = dict(d_model=d, num_heads=cfg.num_heads, head_dim=d // cfg.num_heads,
-                num_kv_heads=cfg.num_kv_heads, dtype=dtype, rngs=rngs)
+                num_kv_heads=cfg.num_kv_heads, impl=cfg.attention_impl, dtype=dtype, rngs=rngs)
     self.self_attn = Attention(family=cfg.attention, family_kw=attention_kw, causal=causal,
                                max_len=max_len, stack_modules=stack_modules, **attn)
     self.self_norm = layer_norm(d, dtype=dtype, rngs=rngs)

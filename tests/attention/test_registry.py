@@ -100,7 +100,7 @@ def test_module_hyper_parameters_join_the_config_and_reach_only_the_module():
                                       r"'redraw_every'\]"):
     family.bind(causal=True, nb_feature=8)
   attend = family.bind(causal=True, nb_features=8, kernel='relu')
-  assert attend.keywords == {'kernel': 'relu'}
+  assert attend.keywords == {'kernel': 'relu', 'impl': 'xla'}  # impl: Family.bind's choice
   module = family.make_module({'nb_features': 8, 'redraw_every': 5, 'kernel': 'relu'}, d_model=8,
                               num_heads=2, num_kv_heads=2, head_dim=4, dtype=jnp.float32,
                               rngs=nnx.Rngs(0))

@@ -1,0 +1,457 @@
+"""Block-sparse FlashAttention in Pallas: forward, and a backward of separate dq and dk/dv kernels.
+
+The kernels compute softmax attention over the tiles a block layout names, the way FlashAttention-2
+(Dao 2023, Alg. 1 and 2) computes it over all tiles: an online softmax over the visited key tiles
+(running max m, running sum l, rescaled accumulator; Milakov & Gimelshein 2018), the row log-sum-exp
+saved for the backward, and the backward split in two kernels so that no tile is written by two
+programs: dq walks a query tile's key tiles, dk/dv walks a key tile's query tiles (the transposed
+layout).
+
+Everything arrives in *slot order* (the caller permutes and pads; see
+`efflong.attention.blocksparse`, the XLA twin of these kernels):
+
+  q [B, Tp, N, Hp], k, v [B, Sp, K, Hp]     Tp, Sp multiples of the tile C; Hp = 64, 128, 256, ...
+  q_pos [1|B, 1|N, Tp], k_pos [1|B, 1|K, Sp]  original position of each slot, -1 = nothing there
+  q_seg, k_seg                                segment ids in the same shapes, or None
+  blocks, flags [L, Nq, V], count [L, Nq]     query tile i visits key tiles blocks[l, i, :count]; a
+                                              slot with flags 1 applies `pattern`; L = 1 or N
+
+A pair (query slot, key slot) is allowed when both positions are >= 0, `Mask.allowed` passes on
+(positions, segment ids), and, in a flagged slot, pattern(q_pos, k_pos, head) holds. Tiles are
+skipped in two ways: a layout lists only the tiles it needs (a causal dense layout stops at the
+diagonal), and a visited tile whose pairs are all disallowed (another packed sequence, padding) is
+not multiplied. Shared-QK attention (Reformer) gives a query's own key the logit `self_logit`.
+
+Block shapes: the tile C is the layout's block (the model's layouts use 16 ... 128); the lane axis
+is the head dimension, padded to a power of two >= 64: Triton loads power-of-two tiles, and 128 is
+the TPU's lane width. The kernels were run in interpret mode on the CPU and lowered to Triton for
+CUDA (tests/kernels/test_lowering.py); see the README for what ran where.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from efflong import kernels
+from efflong.attention.mask import NEG_INF, Mask
+
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+Pattern = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Spec:
+  """What the kernels need besides arrays (static; hashed by identity).
+
+  Attributes:
+    block: C, the tile length of queries and keys.
+    blocks, flags, count: the layout, compacted (visited tiles first); see the module docstring.
+    pattern: the in-tile mask of flagged slots, or None.
+    causal, q_len, kv_len: the mask's causal flag and the original T and S (causal alignment).
+    scale: logit scale.
+    self_logit: the logit of a query's own key (q_pos == k_pos), or None for no such rule.
+    interpret: run the kernels in Pallas' interpreter.
+  """
+
+  block: int
+  blocks: np.ndarray
+  flags: np.ndarray
+  count: np.ndarray
+  pattern: Pattern | None
+  causal: bool
+  q_len: int
+  kv_len: int
+  scale: float
+  self_logit: float | None = None
+  interpret: bool = True
+
+  @functools.cached_property
+  def transposed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(blocks, flags, count) of the transposed layout: for key tile j, the query tiles visiting it."""
+    lh, nq, _ = self.blocks.shape
+    nk = int(self.blocks.max()) + 1 if self.blocks.size else 1
+    lists = [[[] for _ in range(nk)] for _ in range(lh)]
+    for l in range(lh):
+      for i in range(nq):
+        for v in range(self.count[l, i]):
+          lists[l][self.blocks[l, i, v]].append((i, self.flags[l, i, v]))
+    most = max(1, max(len(x) for row in lists for x in row))
+    blocks, flags = np.zeros((lh, nk, most), np.int32), np.zeros((lh, nk, most), np.int32)
+    count = np.zeros((lh, nk), np.int32)
+    for l, row in enumerate(lists):
+      for j, visits in enumerate(row):
+        count[l, j] = len(visits)
+        for u, (i, f) in enumerate(visits):
+          blocks[l, j, u], flags[l, j, u] = i, f
+    return blocks, flags, count
+
+
+def compact(kv_blocks: np.ndarray, use: np.ndarray, flags: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Moves each query tile's visited slots (use) to the front: (blocks, flags, count)."""
+  order = np.argsort(~use, axis=-1, kind='stable')
+  take = lambda x: np.take_along_axis(x, order, axis=-1).astype(np.int32)
+  return take(kv_blocks), take(flags & use), np.count_nonzero(use, axis=-1).astype(np.int32)
+
+
+def padded_head_dim(h: int) -> int:
+  """The lane width the kernels compute with: a power of two, at least 64."""
+  return kernels.pow2(h, 64)
+
+
+def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+  """One-line errors for what the kernels cannot take."""
+  if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in DTYPES:
+    raise ValueError(f'Pallas attention takes float32 or bfloat16 q, k, v of one dtype; got '
+                     f'{q.dtype}, {k.dtype}, {v.dtype}.')
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f'Pallas attention: key/value heads K={k.shape[2]} must divide query heads '
+                     f'N={q.shape[2]}.')
+
+
+# ----------------------------------------------------------------------------- the in-tile math
+
+
+def _allowed(spec: Spec, qp: jax.Array, kp: jax.Array, qs: jax.Array | None,
+             ks: jax.Array | None, flag: jax.Array, head: jax.Array) -> jax.Array:
+  """[Cq, Ck] allowed pairs of a tile, from positions, ids and the slot's flag (no logits)."""
+  qp, kp = qp[:, None], kp[None, :]
+  ok = (qp >= 0) & (kp >= 0) & Mask(causal=spec.causal).allowed(
+      qp, kp, None if qs is None else qs[:, None], None if ks is None else ks[None, :],
+      spec.q_len, spec.kv_len)
+  if spec.pattern is not None:
+    ok = ok & ((flag == 0) | spec.pattern(qp, kp, head))
+  return ok
+
+
+def _logits(spec: Spec, q: jax.Array, k: jax.Array, qp: jax.Array, kp: jax.Array,
+            ok: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Scaled logits [Cq, Ck] float32 (NEG_INF where not allowed) and the pairs with a gradient."""
+  s = kernels.dot(q, k, (1, 1)) * spec.scale
+  if spec.self_logit is None:
+    return jnp.where(ok, s, NEG_INF), ok
+  own = qp[:, None] == kp[None, :]
+  return jnp.where(ok, jnp.where(own, spec.self_logit, s), NEG_INF), ok & ~own
+
+
+def _any(ok: jax.Array) -> jax.Array:
+  return jnp.max(ok.astype(jnp.int32)) > 0
+
+
+def _visit(ok: jax.Array, compute: Callable, carry):
+  """compute(carry) when the tile has an allowed pair; otherwise the tile is skipped."""
+  return jax.lax.cond(_any(ok), compute, lambda x: x, carry)
+
+
+# ----------------------------------------------------------------------------- kernels
+# Refs arrive as: layout (blocks, flags, count), q, k, v, q_pos, k_pos, [q_seg, k_seg], extras,
+# outputs. In the forward and dq kernels the query side is one tile and the key side the whole
+# sequence; in the dk/dv kernel the other way round.
+
+
+def _split(refs: tuple, has_seg: bool, extras: int):
+  layout, (q, k, v, qpos, kpos), rest = refs[:3], refs[3:8], refs[8:]
+  seg, rest = (rest[:2], rest[2:]) if has_seg else ((None, None), rest)
+  return layout, (q, k, v, qpos, kpos), seg, rest[:extras], rest[extras:]
+
+
+def _forward_kernel(spec: Spec, has_seg: bool, *refs):
+  """Grid (B, N, Nq): one query tile against its key tiles (FlashAttention-2, Alg. 1)."""
+  (blocks, flags, count), (q_ref, k_ref, v_ref, qpos, kpos), (qseg, kseg), _, (out_ref, lse_ref) = (
+      _split(refs, has_seg, 0))
+  n, i, c = pl.program_id(1), pl.program_id(2), spec.block
+  l = n if spec.blocks.shape[0] > 1 else 0
+  q, qp = q_ref[...], qpos[...]
+  qs = None if qseg is None else qseg[...]
+
+  def visit(slot, carry):
+    keys = pl.ds(blocks[l, i, slot] * c, c)
+    kp = kpos[keys]
+    ok = _allowed(spec, qp, kp, qs, None if kseg is None else kseg[keys], flags[l, i, slot], n)
+
+    def compute(carry):
+      m, total, acc = carry
+      s, _ = _logits(spec, q, k_ref[keys, :], qp, kp, ok)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+      rescale = jnp.exp(m - m_new)
+      acc = acc * rescale[:, None] + kernels.dot(p.astype(v_ref.dtype), v_ref[keys, :], (1, 0))
+      return m_new, total * rescale + jnp.sum(p, axis=1), acc
+
+    return _visit(ok, compute, carry)
+
+  init = (jnp.full((c,), NEG_INF, jnp.float32), jnp.zeros((c,), jnp.float32),
+          jnp.zeros(q.shape, jnp.float32))
+  m, total, acc = jax.lax.fori_loop(0, count[l, i], visit, init)
+  seen = total > 0
+  out_ref[...] = acc / jnp.where(seen, total, 1.0)[:, None]
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), NEG_INF)
+
+
+def _dq_kernel(spec: Spec, has_seg: bool, *refs):
+  """Grid (B, N, Nq): dq of one query tile (FlashAttention-2, Alg. 2, the dq half).
+
+  With P = exp(S - lse), dS = P * (dO V^T - delta), delta = rowsum(dO * O) - dlse; dq = scale dS K.
+  """
+  (blocks, flags, count), (q_ref, k_ref, v_ref, qpos, kpos), (qseg, kseg), (do_ref, lse_ref,
+   delta_ref), (dq_ref,) = _split(refs, has_seg, 3)
+  n, i, c = pl.program_id(1), pl.program_id(2), spec.block
+  l = n if spec.blocks.shape[0] > 1 else 0
+  q, qp, do = q_ref[...], qpos[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  qs = None if qseg is None else qseg[...]
+
+  def visit(slot, dq):
+    keys = pl.ds(blocks[l, i, slot] * c, c)
+    kp = kpos[keys]
+    ok = _allowed(spec, qp, kp, qs, None if kseg is None else kseg[keys], flags[l, i, slot], n)
+
+    def compute(dq):
+      k = k_ref[keys, :]
+      s, grad = _logits(spec, q, k, qp, kp, ok)
+      p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
+      ds = jnp.where(grad, p * (kernels.dot(do, v_ref[keys, :], (1, 1)) - delta[:, None]), 0.0)
+      return dq + kernels.dot(ds.astype(k.dtype), k, (1, 0))
+
+    return _visit(ok, compute, dq)
+
+  dq_ref[...] = jax.lax.fori_loop(0, count[l, i], visit, jnp.zeros(q.shape, jnp.float32)
+                                  ) * spec.scale
+
+
+def _dkv_kernel(spec: Spec, has_seg: bool, *refs):
+  """Grid (B, N, Nk): one query head's share of dk, dv for one key tile (Alg. 2, dk/dv half);
+  the wrapper sums the G query heads of a kv head. dV = P^T dO, dK = scale dS^T Q."""
+  (blocks, flags, count), (q_ref, k_ref, v_ref, qpos, kpos), (qseg, kseg), (do_ref, lse_ref,
+   delta_ref), (dk_ref, dv_ref) = _split(refs, has_seg, 3)
+  n, j, c = pl.program_id(1), pl.program_id(2), spec.block
+  l = n if spec.blocks.shape[0] > 1 else 0
+  k, v, kp = k_ref[...], v_ref[...], kpos[...]
+  ks = None if kseg is None else kseg[...]
+
+  def visit(slot, carry):
+    rows = pl.ds(blocks[l, j, slot] * c, c)
+    qp = qpos[rows]
+    ok = _allowed(spec, qp, kp, None if qseg is None else qseg[rows], ks, flags[l, j, slot], n)
+
+    def compute(carry):
+      dk, dv = carry
+      q, do = q_ref[rows, :], do_ref[rows, :]
+      s, grad = _logits(spec, q, k, qp, kp, ok)
+      p = jnp.where(ok, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
+      dv = dv + kernels.dot(p.astype(do.dtype), do, (0, 0))
+      ds = jnp.where(grad, p * (kernels.dot(do, v, (1, 1)) - delta_ref[rows][:, None]), 0.0)
+      return dk + kernels.dot(ds.astype(q.dtype), q, (0, 0)), dv
+
+    return _visit(ok, compute, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, count[l, j], visit, (zeros, zeros))
+  dk_ref[...] = dk * spec.scale
+  dv_ref[...] = dv
+
+
+# ----------------------------------------------------------------------------- pallas_call wrappers
+
+
+def _specs(spec: Spec, q: jax.Array, k: jax.Array, qpos: jax.Array, kpos: jax.Array,
+           qseg: jax.Array | None, kseg: jax.Array | None, *, query_tile: bool, layout: tuple
+           ) -> list[pl.BlockSpec]:
+  """BlockSpecs for (layout, q, k, v, q_pos, k_pos, [q_seg, k_seg]) on grid (B, N, tiles)."""
+  c, (tp, hp), sp = spec.block, (q.shape[1], q.shape[3]), k.shape[1]
+  g = q.shape[2] // k.shape[2]
+  whole = lambda a: pl.BlockSpec(a.shape, lambda b, n, i: (0,) * a.ndim)
+
+  def seq(length: int, tiled: bool, heads: Callable):
+    """[B, L, heads, Hp]: a tile of C rows, or the whole sequence."""
+    if tiled:
+      return pl.BlockSpec((None, c, None, hp), lambda b, n, i: (b, i, heads(n), 0))
+    return pl.BlockSpec((None, length, None, hp), lambda b, n, i: (b, 0, heads(n), 0))
+
+  def row(a: jax.Array, tiled: bool, heads: Callable):
+    """[1|B, 1|heads, L] positions or ids."""
+    pick = lambda b, n: (b if a.shape[0] > 1 else 0, heads(n) if a.shape[1] > 1 else 0)
+    if tiled:
+      return pl.BlockSpec((None, None, c), lambda b, n, i: (*pick(b, n), i))
+    return pl.BlockSpec((None, None, a.shape[2]), lambda b, n, i: (*pick(b, n), 0))
+
+  same, group = (lambda n: n), (lambda n: n // g)
+  out = [whole(a) for a in layout]
+  out += [seq(tp, query_tile, same), seq(sp, not query_tile, group),
+          seq(sp, not query_tile, group), row(qpos, query_tile, same),
+          row(kpos, not query_tile, group)]
+  if qseg is not None:
+    out += [row(qseg, query_tile, same), row(kseg, not query_tile, group)]
+  return out
+
+
+def _stats_spec(spec: Spec, length: int, tiled: bool) -> pl.BlockSpec:
+  """[B, N, Tp] float32 row statistics (lse, delta): a tile or the whole row."""
+  if tiled:
+    return pl.BlockSpec((None, None, spec.block), lambda b, n, i: (b, n, i))
+  return pl.BlockSpec((None, None, length), lambda b, n, i: (b, n, 0))
+
+
+def _forward(spec: Spec, q, k, v, qpos, kpos, qseg, kseg) -> tuple[jax.Array, jax.Array]:
+  b, tp, n, hp = q.shape
+  has_seg = qseg is not None
+  layout = tuple(jnp.asarray(x) for x in (spec.blocks, spec.flags, spec.count))
+  segs = (qseg, kseg) if has_seg else ()
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, spec, has_seg),
+      grid=(b, n, tp // spec.block),
+      in_specs=_specs(spec, q, k, qpos, kpos, qseg, kseg, query_tile=True, layout=layout),
+      out_specs=[pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0)),
+                 _stats_spec(spec, tp, True)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
+      interpret=spec.interpret, compiler_params=kernels.triton(4 if hp <= 64 else 8), name='flash_forward',
+  )(*layout, q, k, v, qpos, kpos, *segs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(spec: Spec, q, k, v, qpos, kpos, qseg, kseg) -> tuple[jax.Array, jax.Array]:
+  return _forward(spec, q, k, v, qpos, kpos, qseg, kseg)
+
+
+def _flash_fwd(spec, q, k, v, qpos, kpos, qseg, kseg):
+  out, lse = _forward(spec, q, k, v, qpos, kpos, qseg, kseg)
+  return (out, lse), (q, k, v, qpos, kpos, qseg, kseg, out, lse)
+
+
+def _flash_bwd(spec, residuals, cotangents):
+  q, k, v, qpos, kpos, qseg, kseg, out, lse = residuals
+  dout, dlse = cotangents
+  b, tp, n, hp = q.shape
+  sp, kh = k.shape[1], k.shape[2]
+  has_seg = qseg is not None
+  segs = (qseg, kseg) if has_seg else ()
+  # dlse enters like a softmax output's: d lse / d s = P, so it shifts delta (Alg. 2, line 19).
+  delta = jnp.einsum('BTNH,BTNH->BNT', dout, out) - dlse
+  do = dout.astype(q.dtype)
+  stats = (do, lse, delta)
+
+  layout = tuple(jnp.asarray(x) for x in (spec.blocks, spec.flags, spec.count))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, spec, has_seg),
+      grid=(b, n, tp // spec.block),
+      in_specs=_specs(spec, q, k, qpos, kpos, qseg, kseg, query_tile=True, layout=layout)
+      + [pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0)),
+         _stats_spec(spec, tp, True), _stats_spec(spec, tp, True)],
+      out_specs=pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
+      interpret=spec.interpret, compiler_params=kernels.triton(4 if hp <= 64 else 8), name='flash_dq',
+  )(*layout, q, k, v, qpos, kpos, *segs, *stats)
+
+  transposed = tuple(jnp.asarray(x) for x in spec.transposed)
+  nk = sp // spec.block
+  if transposed[0].shape[1] < nk:  # key tiles no query visits: pad the layout with empty rows.
+    transposed = tuple(jnp.pad(x, [(0, 0), (0, nk - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+                       for x in transposed)
+  tile = pl.BlockSpec((None, spec.block, None, hp), lambda b, n, j: (b, j, n, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, spec, has_seg),
+      grid=(b, n, nk),
+      in_specs=_specs(spec, q, k, qpos, kpos, qseg, kseg, query_tile=False, layout=transposed)
+      + [pl.BlockSpec((None, tp, None, hp), lambda b, n, j: (b, 0, n, 0)),
+         _stats_spec(spec, tp, False), _stats_spec(spec, tp, False)],
+      out_specs=[tile, tile],
+      out_shape=[jax.ShapeDtypeStruct((b, sp, n, hp), jnp.float32)] * 2,
+      interpret=spec.interpret, compiler_params=kernels.triton(4 if hp <= 64 else 8), name='flash_dkv',
+  )(*transposed, q, k, v, qpos, kpos, *segs, *stats)
+  group = lambda x: x.reshape(b, sp, kh, n // kh, hp).sum(3)   # G query heads -> their kv head
+  return (dq.astype(q.dtype), group(dk).astype(k.dtype), group(dv).astype(v.dtype),
+          None, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def attend_slots(q: jax.Array, k: jax.Array, v: jax.Array, *, spec: Spec, q_pos: jax.Array,
+                 k_pos: jax.Array, q_seg: jax.Array | None = None,
+                 k_seg: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Block-sparse attention over inputs already in slot order.
+
+  Args:
+    q: [B, Tp, N, H], Tp a multiple of spec.block; float32 or bfloat16.
+    k, v: [B, Sp, K, H] in q's dtype; K divides N.
+    spec: the layout and the mask's static part.
+    q_pos: [1|B, 1|N, Tp] int32 original positions (-1: no query); k_pos [1|B, 1|K, Sp] likewise.
+    q_seg, k_seg: segment ids shaped like q_pos, k_pos, or None.
+  Returns:
+    out [B, Tp, N, H] float32 (zeros for a query that sees nothing) and lse [B, Tp, N] float32
+    (NEG_INF there); both differentiable (custom_vjp: the dq and dk/dv kernels).
+  """
+  check_inputs(q, k, v)
+  c, h = spec.block, q.shape[3]
+  if not spec.interpret and c != kernels.pow2(c, 16):
+    raise ValueError(f'Pallas attention on the GPU needs a tile (block) that is a power of two >= '
+                     f'16; got {c} (the family\'s block or bucket_size).')
+  lh, nq, _ = spec.blocks.shape
+  if (q.shape[1] != nq * c or k.shape[1] % c or lh not in (1, q.shape[2])
+      or spec.blocks.max(initial=0) * c >= k.shape[1]):
+    raise ValueError(f'layout [{lh}, {nq}, {spec.blocks.shape[2]}] x block {c} does not fit q '
+                     f'{q.shape} and k {k.shape}.')
+  hp = padded_head_dim(h)
+  pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, hp - h)]) if hp != h else x
+  as_int = lambda x: None if x is None else x.astype(jnp.int32)
+  out, lse = _flash(spec, pad(q), pad(k), pad(v), as_int(q_pos), as_int(k_pos), as_int(q_seg),
+                    as_int(k_seg))
+  return out[..., :h], jnp.moveaxis(lse, 1, 2)
+
+
+def dense_layout(q_len: int, kv_len: int, *, causal: bool, block: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(blocks, flags, count) of full attention: every key tile, or, causal (queries aligned at the
+  end of the keys), the tiles up to the last query's diagonal."""
+  nq, nk = -(-q_len // block), -(-kv_len // block)
+  last = np.minimum(np.arange(nq) * block + block, q_len) - 1 + (kv_len - q_len)
+  count = np.minimum(last // block + 1, nk) if causal else np.full(nq, nk)
+  blocks = np.broadcast_to(np.arange(nk), (nq, nk))
+  return (blocks[None].astype(np.int32), np.zeros((1, nq, nk), np.int32),
+          count[None].astype(np.int32))
+
+
+def default_block(length: int) -> int:
+  """128, or the power of two >= length (at least 16) for shorter sequences."""
+  return min(128, kernels.pow2(length, 16))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, scale: float,
+           block: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Full softmax attention with the kernels (the twin of `dense.attend_allowed` under `mask`).
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H]; any T, S (padded inside).
+    mask: causal flag and segment ids.
+    scale: logit scale.
+    block: tile length C (default `default_block`).
+  Returns:
+    out [B, T, N, H] float32 and lse [B, T, N] float32.
+  """
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  c = block or default_block(max(t, s))
+  blocks, flags, count = dense_layout(t, s, causal=mask.causal, block=c)
+  spec = Spec(c, blocks, flags, count, None, mask.causal, t, s, scale,
+              interpret=kernels.interpret())
+  tp, sp = blocks.shape[1] * c, -(-s // c) * c
+  pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  positions = lambda n, length: jnp.where(jnp.arange(length) < n, jnp.arange(length), -1)[None, None]
+  segs = {}
+  if mask.q_segment_ids is not None:
+    segs = dict(q_seg=pad(mask.q_segment_ids, tp)[:, None], k_seg=pad(mask.kv_segment_ids, sp)[:, None])
+  out, lse = attend_slots(pad(q, tp), pad(k, sp), pad(v, sp), spec=spec,
+                          q_pos=positions(t, tp), k_pos=positions(s, sp), **segs)
+  return out[:, :t], lse[:, :t]
