@@ -113,14 +113,14 @@ class Family:
       raise ValueError(f'attention {self.name!r} does not support causal masking{why}.')
     if not causal and not self.bidirectional:
       raise ValueError(f'attention {self.name!r} does not support bidirectional attention{why}.')
-    resolved = kernels.resolve(impl)
+    kernels.resolve(impl)  # A bad value, or 'pallas' where the kernels cannot run, stops here.
     if impl == 'pallas' and not self.pallas:
       raise ValueError(f"attention {self.name!r} has no Pallas path (attention_impl='pallas'); "
                        f'families with one: {names(pallas=True)}.')
     own = self._module_names()
     fixed = {k: v for k, v in hyper.items() if k not in own}
-    if self.pallas:
-      fixed['impl'] = resolved
+    if self.pallas:  # 'auto' is resolved by attend, which knows the kernel's tile.
+      fixed['impl'] = impl
     return functools.partial(self.attend, **fixed)
 
   def make_module(self, hyper: dict[str, Any], **layer: Any) -> Any:

@@ -15,7 +15,8 @@ for every query block, a fixed number V of key blocks to visit and what to do in
                                and strided patterns into block-local ones.
 
 Shapes are static and V is fixed, so the same layout drives the XLA path here (gather the visited key
-blocks, blocked softmax) and a Pallas kernel (the arrays become scalar-prefetched block indices).
+blocks, blocked softmax) and the Pallas kernels (efflong.kernels.flash_attention read the arrays
+as tile indices and visit the tiles in place).
 Everything is O(T * V * C): no T x S score, mask or index array exists on this path.
 
 The segment-id / causal part of the mask (`Mask.allowed`) is applied on original positions, so
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from efflong.kernels import flash_attention
 
 EMPTY, PATTERN, FULL = 0, 1, 2
 
-Pattern = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+Pattern = flash_attention.Pattern
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -155,7 +155,7 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
   k_index = identity_index(s, c) if layout.k_index is None else layout.k_index
   if lh not in (1, n) or len(q_index) != nq * c or np.max(layout.kv_blocks) * c >= len(k_index):
     raise ValueError(f'Layout [{lh}, {nq}, {nv}] x block {c} does not fit T={t}, S={s}, N={n}.')
-  impl = kernels.resolve(impl)
+  impl = kernels.resolve(impl, tile=c)
   if impl == 'pallas':
     out, lse = _attend_kernel(q, k, v, mask=mask, layout=layout, scale=scale, exclude=exclude,
                               q_index=q_index, k_index=k_index)
@@ -231,7 +231,7 @@ def _attend_kernel(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layo
   blocks, flags, count = flash_attention.compact(layout.kv_blocks, layout.kind != EMPTY,
                                                  layout.kind == PATTERN)
   spec = flash_attention.Spec(layout.block, blocks, flags, count, layout.pattern, mask.causal,
-                              q.shape[1], k.shape[1], scale, interpret=kernels.interpret())
+                              q.shape[1], k.shape[1], scale, kernels.interpret())
   k_pos = jnp.asarray(k_index)[None, None]
   if exclude is not None:
     k_pos = jnp.where(_gather(exclude, jnp.asarray(k_index)), -1, k_pos[0])[:, None]

@@ -166,8 +166,8 @@ def _sorted_kernel(sq: jax.Array, sk: jax.Array, sv: jax.Array, spos: jax.Array,
   blocks = np.asarray(visits, np.int32)[None]
   spec = flash_attention.Spec(chunk, blocks, np.zeros_like(blocks),
                               np.full(blocks.shape[:2], blocks.shape[2], np.int32), None,
-                              mask.causal, padded, padded, h ** -0.5, self_logit=SELF,
-                              interpret=kernels.interpret())
+                              mask.causal, padded, padded, h ** -0.5, kernels.interpret(),
+                              self_logit=SELF)
   lanes = lambda x: x.reshape(b, n * r, padded, *x.shape[4:])       # [B, N * R, Tp, ...]
   seq = lambda x: jnp.moveaxis(lanes(x), 1, 2)                      # [B, Tp, N * R, H]
   segs = {} if sseg is None else dict(q_seg=lanes(sseg), k_seg=lanes(sseg))
@@ -200,7 +200,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
     [B, T, N, H]; a token that sees no key gets zeros.
   """
   check(n_hashes, bucket_size, n_buckets)
-  impl = kernels.resolve(impl)
   b, t, n, h = q.shape
   if k.shape != q.shape or v.shape[:2] != (b, t) or v.shape[3] != h or n % v.shape[2]:
     raise ValueError(f'lsh attention is shared-QK self-attention: q and k [B, T, N, H], v '
@@ -212,6 +211,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
   n_buckets = default_buckets(t, bucket_size, h) if n_buckets is None else n_buckets
   v = jnp.repeat(v, n // v.shape[2], axis=2)
   chunk = min(bucket_size, t)
+  impl = kernels.resolve(impl, tile=chunk)
   padded = -(-t // chunk) * chunk
   valid = jnp.broadcast_to(jnp.arange(padded) < t, (b, padded))
   seg = mask.q_segment_ids

@@ -23,16 +23,15 @@ diagonal), and a visited tile whose pairs are all disallowed (another packed seq
 not multiplied. Shared-QK attention (Reformer) gives a query's own key the logit `self_logit`.
 
 Block shapes: the tile C is the layout's block (the model's layouts use 16 ... 128); the lane axis
-is the head dimension, padded to a power of two >= 64: Triton loads power-of-two tiles, and 128 is
-the TPU's lane width. The kernels were run in interpret mode on the CPU and lowered to Triton for
-CUDA (tests/kernels/test_lowering.py); see the README for what ran where.
+is the head dimension, padded to a power of two >= 64 (Triton loads power-of-two tiles). The
+kernels were run in interpret mode on the CPU and lowered to Triton for CUDA (tests/kernels/test_lowering.py); see the README for what ran where.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -70,12 +69,12 @@ class Spec:
   q_len: int
   kv_len: int
   scale: float
+  interpret: bool
   self_logit: float | None = None
-  interpret: bool = True
 
   @functools.cached_property
   def transposed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(blocks, flags, count) of the transposed layout: for key tile j, the query tiles visiting it."""
+    """(blocks, flags, count) of the transposed layout: key tile j's visiting query tiles."""
     lh, nq, _ = self.blocks.shape
     nk = int(self.blocks.max()) + 1 if self.blocks.size else 1
     lists = [[[] for _ in range(nk)] for _ in range(lh)]
@@ -96,7 +95,15 @@ class Spec:
 
 def compact(kv_blocks: np.ndarray, use: np.ndarray, flags: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Moves each query tile's visited slots (use) to the front: (blocks, flags, count)."""
+  """Moves each query tile's visited slots to the front.
+
+  Args:
+    kv_blocks: [L, Nq, V] key tile of each slot.
+    use: [L, Nq, V] bool, the slot is visited.
+    flags: [L, Nq, V] bool, the slot applies the pattern.
+  Returns:
+    blocks [L, Nq, V], flags [L, Nq, V] (0 or 1) and count [L, Nq], int32.
+  """
   order = np.argsort(~use, axis=-1, kind='stable')
   take = lambda x: np.take_along_axis(x, order, axis=-1).astype(np.int32)
   return take(kv_blocks), take(flags & use), np.count_nonzero(use, axis=-1).astype(np.int32)
@@ -107,14 +114,37 @@ def padded_head_dim(h: int) -> int:
   return kernels.pow2(h, 64)
 
 
-def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
-  """One-line errors for what the kernels cannot take."""
+def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, spec: Spec, positions: dict[str, Any]
+                 ) -> None:
+  """One-line ValueErrors for what the kernels cannot take (see `attend_slots` for the shapes)."""
   if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in DTYPES:
     raise ValueError(f'Pallas attention takes float32 or bfloat16 q, k, v of one dtype; got '
                      f'{q.dtype}, {k.dtype}, {v.dtype}.')
-  if q.shape[2] % k.shape[2]:
-    raise ValueError(f'Pallas attention: key/value heads K={k.shape[2]} must divide query heads '
-                     f'N={q.shape[2]}.')
+  b, tp, n, h = q.shape
+  if k.ndim != 4 or k.shape != v.shape or (k.shape[0], k.shape[3]) != (b, h):
+    raise ValueError(f'Pallas attention: k and v must be [B={b}, S, K, H={h}]; got k {k.shape}, '
+                     f'v {v.shape}.')
+  sp, kh = k.shape[1], k.shape[2]
+  if n % kh:
+    raise ValueError(f'Pallas attention: key/value heads K={kh} must divide query heads N={n}; '
+                     f'valid K: {[d for d in range(1, n + 1) if n % d == 0]}.')
+  c = spec.block
+  if not spec.interpret and c != kernels.pow2(c, 16):
+    raise ValueError(f"Pallas attention on the GPU needs a tile (the family's block or "
+                     f'bucket_size) that is a power of two >= 16; got {c}.')
+  lh, nq, nv = spec.blocks.shape
+  if tp != nq * c or sp % c or lh not in (1, n) or spec.blocks.max(initial=0) * c >= sp:
+    raise ValueError(f'layout [L={lh}, {nq}, {nv}] x block {c} does not fit q {q.shape} and k '
+                     f'{k.shape}: it needs T = {nq * c}, S a multiple of {c} above '
+                     f'{spec.blocks.max(initial=0) * c}, L = 1 or {n}.')
+  if (positions['q_seg'] is None) != (positions['k_seg'] is None):
+    raise ValueError('Pallas attention needs both q_seg and k_seg, or neither.')
+  for name, x in positions.items():
+    length, heads = (tp, n) if name.startswith('q') else (sp, kh)
+    if x is not None and (x.ndim != 3 or x.shape[0] not in (1, b) or x.shape[1] not in (1, heads)
+                          or x.shape[2] != length):
+      raise ValueError(f'Pallas attention: {name} has shape {tuple(x.shape)}; expected '
+                       f'[1 or {b}, 1 or {heads}, {length}].')
 
 
 # ----------------------------------------------------------------------------- the in-tile math
@@ -146,115 +176,106 @@ def _any(ok: jax.Array) -> jax.Array:
   return jnp.max(ok.astype(jnp.int32)) > 0
 
 
-def _visit(ok: jax.Array, compute: Callable, carry):
-  """compute(carry) when the tile has an allowed pair; otherwise the tile is skipped."""
-  return jax.lax.cond(_any(ok), compute, lambda x: x, carry)
-
-
 # ----------------------------------------------------------------------------- kernels
 # Refs arrive as: layout (blocks, flags, count), q, k, v, q_pos, k_pos, [q_seg, k_seg], extras,
-# outputs. In the forward and dq kernels the query side is one tile and the key side the whole
-# sequence; in the dk/dv kernel the other way round.
+# outputs. In the forward and dq kernels the program's fixed tile is a query tile and it walks key
+# tiles; in the dk/dv kernel the other way round (over the transposed layout).
+
+Refs = tuple[Any, ...]
 
 
-def _split(refs: tuple, has_seg: bool, extras: int):
-  layout, (q, k, v, qpos, kpos), rest = refs[:3], refs[3:8], refs[8:]
+def _split(refs: Refs, has_seg: bool, extras: int) -> tuple[Refs, Refs, Refs, Refs, Refs]:
+  """(layout, (q, k, v, q_pos, k_pos), (q_seg, k_seg) or Nones, extras, outputs)."""
+  layout, arrays, rest = refs[:3], refs[3:8], refs[8:]
   seg, rest = (rest[:2], rest[2:]) if has_seg else ((None, None), rest)
-  return layout, (q, k, v, qpos, kpos), seg, rest[:extras], rest[extras:]
+  return layout, arrays, seg, rest[:extras], rest[extras:]
 
 
-def _forward_kernel(spec: Spec, has_seg: bool, *refs):
-  """Grid (B, N, Nq): one query tile against its key tiles (FlashAttention-2, Alg. 1)."""
-  (blocks, flags, count), (q_ref, k_ref, v_ref, qpos, kpos), (qseg, kseg), _, (out_ref, lse_ref) = (
-      _split(refs, has_seg, 0))
+def _walk(spec: Spec, layout: Refs, pos: Refs, seg: Refs, *, query_tile: bool,
+          step: Callable[..., Any], init: Any) -> Any:
+  """Folds step over the tiles the program's tile visits, skipping those with no allowed pair.
+
+  step(other, q_pos, k_pos, ok, carry) -> carry gets the visited tile's rows `other` (a pl.ds),
+  the positions of the pair's query and key tiles and their allowed pairs ok [Cq, Ck].
+  """
+  blocks, flags, count = layout
   n, i, c = pl.program_id(1), pl.program_id(2), spec.block
   l = n if spec.blocks.shape[0] > 1 else 0
-  q, qp = q_ref[...], qpos[...]
-  qs = None if qseg is None else qseg[...]
+  mine, theirs = (0, 1) if query_tile else (1, 0)
+  read = lambda ref, rows: None if ref is None else ref[rows]
+  own_pos, own_seg = pos[mine][...], read(seg[mine], slice(None))
 
   def visit(slot, carry):
-    keys = pl.ds(blocks[l, i, slot] * c, c)
-    kp = kpos[keys]
-    ok = _allowed(spec, qp, kp, qs, None if kseg is None else kseg[keys], flags[l, i, slot], n)
+    other = pl.ds(blocks[l, i, slot] * c, c)
+    pair_pos = (own_pos, pos[theirs][other])[::1 if query_tile else -1]
+    pair_seg = (own_seg, read(seg[theirs], other))[::1 if query_tile else -1]
+    ok = _allowed(spec, *pair_pos, *pair_seg, flags[l, i, slot], n)
+    return jax.lax.cond(_any(ok), lambda x: step(other, *pair_pos, ok, x), lambda x: x, carry)
 
-    def compute(carry):
-      m, total, acc = carry
-      s, _ = _logits(spec, q, k_ref[keys, :], qp, kp, ok)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
-      rescale = jnp.exp(m - m_new)
-      acc = acc * rescale[:, None] + kernels.dot(p.astype(v_ref.dtype), v_ref[keys, :], (1, 0))
-      return m_new, total * rescale + jnp.sum(p, axis=1), acc
+  return jax.lax.fori_loop(0, count[l, i], visit, init)
 
-    return _visit(ok, compute, carry)
+
+def _forward_kernel(spec: Spec, has_seg: bool, *refs: Any) -> None:
+  """Grid (B, N, Nq): one query tile against its key tiles (FlashAttention-2, Alg. 1)."""
+  layout, (q_ref, k_ref, v_ref, *pos), seg, _, (out_ref, lse_ref) = _split(refs, has_seg, 0)
+  q, c = q_ref[...], spec.block
+
+  def step(keys, qp, kp, ok, carry):
+    m, total, acc = carry
+    s, _ = _logits(spec, q, k_ref[keys, :], qp, kp, ok)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+    rescale = jnp.exp(m - m_new)
+    acc = acc * rescale[:, None] + kernels.dot(p.astype(v_ref.dtype), v_ref[keys, :], (1, 0))
+    return m_new, total * rescale + jnp.sum(p, axis=1), acc
 
   init = (jnp.full((c,), NEG_INF, jnp.float32), jnp.zeros((c,), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
-  m, total, acc = jax.lax.fori_loop(0, count[l, i], visit, init)
+  m, total, acc = _walk(spec, layout, pos, seg, query_tile=True, step=step, init=init)
   seen = total > 0
   out_ref[...] = acc / jnp.where(seen, total, 1.0)[:, None]
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), NEG_INF)
 
 
-def _dq_kernel(spec: Spec, has_seg: bool, *refs):
+def _dq_kernel(spec: Spec, has_seg: bool, *refs: Any) -> None:
   """Grid (B, N, Nq): dq of one query tile (FlashAttention-2, Alg. 2, the dq half).
 
   With P = exp(S - lse), dS = P * (dO V^T - delta), delta = rowsum(dO * O) - dlse; dq = scale dS K.
   """
-  (blocks, flags, count), (q_ref, k_ref, v_ref, qpos, kpos), (qseg, kseg), (do_ref, lse_ref,
-   delta_ref), (dq_ref,) = _split(refs, has_seg, 3)
-  n, i, c = pl.program_id(1), pl.program_id(2), spec.block
-  l = n if spec.blocks.shape[0] > 1 else 0
-  q, qp, do = q_ref[...], qpos[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  qs = None if qseg is None else qseg[...]
+  layout, (q_ref, k_ref, v_ref, *pos), seg, (do_ref, lse_ref, delta_ref), (dq_ref,) = _split(
+      refs, has_seg, 3)
+  q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
-  def visit(slot, dq):
-    keys = pl.ds(blocks[l, i, slot] * c, c)
-    kp = kpos[keys]
-    ok = _allowed(spec, qp, kp, qs, None if kseg is None else kseg[keys], flags[l, i, slot], n)
+  def step(keys, qp, kp, ok, dq):
+    k = k_ref[keys, :]
+    s, grad = _logits(spec, q, k, qp, kp, ok)
+    p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
+    ds = jnp.where(grad, p * (kernels.dot(do, v_ref[keys, :], (1, 1)) - delta[:, None]), 0.0)
+    return dq + kernels.dot(ds.astype(k.dtype), k, (1, 0))
 
-    def compute(dq):
-      k = k_ref[keys, :]
-      s, grad = _logits(spec, q, k, qp, kp, ok)
-      p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
-      ds = jnp.where(grad, p * (kernels.dot(do, v_ref[keys, :], (1, 1)) - delta[:, None]), 0.0)
-      return dq + kernels.dot(ds.astype(k.dtype), k, (1, 0))
-
-    return _visit(ok, compute, dq)
-
-  dq_ref[...] = jax.lax.fori_loop(0, count[l, i], visit, jnp.zeros(q.shape, jnp.float32)
-                                  ) * spec.scale
+  dq = _walk(spec, layout, pos, seg, query_tile=True, step=step,
+             init=jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = dq * spec.scale
 
 
-def _dkv_kernel(spec: Spec, has_seg: bool, *refs):
+def _dkv_kernel(spec: Spec, has_seg: bool, *refs: Any) -> None:
   """Grid (B, N, Nk): one query head's share of dk, dv for one key tile (Alg. 2, dk/dv half);
   the wrapper sums the G query heads of a kv head. dV = P^T dO, dK = scale dS^T Q."""
-  (blocks, flags, count), (q_ref, k_ref, v_ref, qpos, kpos), (qseg, kseg), (do_ref, lse_ref,
-   delta_ref), (dk_ref, dv_ref) = _split(refs, has_seg, 3)
-  n, j, c = pl.program_id(1), pl.program_id(2), spec.block
-  l = n if spec.blocks.shape[0] > 1 else 0
-  k, v, kp = k_ref[...], v_ref[...], kpos[...]
-  ks = None if kseg is None else kseg[...]
+  layout, (q_ref, k_ref, v_ref, *pos), seg, (do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = (
+      _split(refs, has_seg, 3))
+  k, v = k_ref[...], v_ref[...]
 
-  def visit(slot, carry):
-    rows = pl.ds(blocks[l, j, slot] * c, c)
-    qp = qpos[rows]
-    ok = _allowed(spec, qp, kp, None if qseg is None else qseg[rows], ks, flags[l, j, slot], n)
-
-    def compute(carry):
-      dk, dv = carry
-      q, do = q_ref[rows, :], do_ref[rows, :]
-      s, grad = _logits(spec, q, k, qp, kp, ok)
-      p = jnp.where(ok, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
-      dv = dv + kernels.dot(p.astype(do.dtype), do, (0, 0))
-      ds = jnp.where(grad, p * (kernels.dot(do, v, (1, 1)) - delta_ref[rows][:, None]), 0.0)
-      return dk + kernels.dot(ds.astype(q.dtype), q, (0, 0)), dv
-
-    return _visit(ok, compute, carry)
+  def step(rows, qp, kp, ok, carry):
+    dk, dv = carry
+    q, do = q_ref[rows, :], do_ref[rows, :]
+    s, grad = _logits(spec, q, k, qp, kp, ok)
+    p = jnp.where(ok, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
+    dv = dv + kernels.dot(p.astype(do.dtype), do, (0, 0))
+    ds = jnp.where(grad, p * (kernels.dot(do, v, (1, 1)) - delta_ref[rows][:, None]), 0.0)
+    return dk + kernels.dot(ds.astype(q.dtype), q, (0, 0)), dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, count[l, j], visit, (zeros, zeros))
+  dk, dv = _walk(spec, layout, pos, seg, query_tile=False, step=step, init=(zeros, zeros))
   dk_ref[...] = dk * spec.scale
   dv_ref[...] = dv
 
@@ -300,73 +321,85 @@ def _stats_spec(spec: Spec, length: int, tiled: bool) -> pl.BlockSpec:
   return pl.BlockSpec((None, None, length), lambda b, n, i: (b, n, 0))
 
 
-def _forward(spec: Spec, q, k, v, qpos, kpos, qseg, kseg) -> tuple[jax.Array, jax.Array]:
-  b, tp, n, hp = q.shape
-  has_seg = qseg is not None
-  layout = tuple(jnp.asarray(x) for x in (spec.blocks, spec.flags, spec.count))
-  segs = (qseg, kseg) if has_seg else ()
-  return pl.pallas_call(
-      functools.partial(_forward_kernel, spec, has_seg),
-      grid=(b, n, tp // spec.block),
-      in_specs=_specs(spec, q, k, qpos, kpos, qseg, kseg, query_tile=True, layout=layout),
-      out_specs=[pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0)),
-                 _stats_spec(spec, tp, True)],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                 jax.ShapeDtypeStruct((b, n, tp), jnp.float32)],
-      interpret=spec.interpret, compiler_params=kernels.triton(4 if hp <= 64 else 8), name='flash_forward',
-  )(*layout, q, k, v, qpos, kpos, *segs)
+def _call(spec: Spec, kernel: Callable, layout: tuple, arrays: tuple, extras: tuple = (), *,
+          query_tile: bool, outputs: tuple[str, ...]) -> list[jax.Array]:
+  """One kernel on grid (B, N, tiles), each device on its own batch rows (`kernels.batch_sharded`).
+
+  Args:
+    spec: static parameters.
+    kernel: _forward_kernel, _dq_kernel or _dkv_kernel.
+    layout: (blocks, flags, count) arrays: the layout, or for the dk/dv kernel its transpose.
+    arrays: (q, k, v, q_pos, k_pos) and, with segment ids, (q_seg, k_seg).
+    extras: () or the backward's (do [B, Tp, N, Hp], lse [B, N, Tp], delta [B, N, Tp]).
+    query_tile: the grid walks query tiles (forward, dq) or key tiles (dk/dv).
+    outputs: per output, 'seq' ([B, L, N, Hp] float32, L the walked length) or 'stats'
+      ([B, N, L] float32).
+  """
+  has_seg = len(arrays) == 7
+
+  def call(*args):
+    q, k = args[3], args[4]
+    b, tp, n, hp = q.shape
+    length = tp if query_tile else k.shape[1]
+    tile = pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0))
+    extra_specs = [pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0))
+                   if query_tile else
+                   pl.BlockSpec((None, tp, None, hp), lambda b, n, i: (b, 0, n, 0)),
+                   _stats_spec(spec, tp, query_tile), _stats_spec(spec, tp, query_tile)]
+    kinds = {'seq': (tile, (b, length, n, hp)),
+             'stats': (_stats_spec(spec, length, True), (b, n, length))}
+    return pl.pallas_call(
+        functools.partial(kernel, spec, has_seg),
+        grid=(b, n, length // spec.block),
+        in_specs=_specs(spec, *args[3:5], *args[6:8], *(args[8:10] if has_seg else (None, None)),
+                        query_tile=query_tile, layout=args[:3]) + extra_specs[:len(extras)],
+        out_specs=[kinds[o][0] for o in outputs],
+        out_shape=[jax.ShapeDtypeStruct(kinds[o][1], jnp.float32) for o in outputs],
+        interpret=spec.interpret, compiler_params=kernels.triton(4 if hp <= 64 else 8),
+        name=kernel.__name__.strip('_'),
+    )(*args)
+
+  batched = [False] * 3 + [True] * 3 + [x.shape[0] > 1 for x in arrays[3:]] + [True] * len(extras)
+  return kernels.batch_sharded(call, (*layout, *arrays, *extras), batched)
+
+
+def _arrays(q, k, v, qpos, kpos, qseg, kseg) -> tuple:
+  return (q, k, v, qpos, kpos) + (() if qseg is None else (qseg, kseg))
+
+
+def _layout(spec: Spec, transposed: bool = False) -> tuple[jax.Array, ...]:
+  return tuple(jnp.asarray(x) for x in (spec.transposed if transposed else
+                                        (spec.blocks, spec.flags, spec.count)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(spec: Spec, q, k, v, qpos, kpos, qseg, kseg) -> tuple[jax.Array, jax.Array]:
-  return _forward(spec, q, k, v, qpos, kpos, qseg, kseg)
+  return _flash_fwd(spec, q, k, v, qpos, kpos, qseg, kseg)[0]
 
 
 def _flash_fwd(spec, q, k, v, qpos, kpos, qseg, kseg):
-  out, lse = _forward(spec, q, k, v, qpos, kpos, qseg, kseg)
+  out, lse = _call(spec, _forward_kernel, _layout(spec), _arrays(q, k, v, qpos, kpos, qseg, kseg),
+                   query_tile=True, outputs=('seq', 'stats'))
   return (out, lse), (q, k, v, qpos, kpos, qseg, kseg, out, lse)
 
 
 def _flash_bwd(spec, residuals, cotangents):
   q, k, v, qpos, kpos, qseg, kseg, out, lse = residuals
   dout, dlse = cotangents
-  b, tp, n, hp = q.shape
+  b, _, n, hp = q.shape
   sp, kh = k.shape[1], k.shape[2]
-  has_seg = qseg is not None
-  segs = (qseg, kseg) if has_seg else ()
+  arrays = _arrays(q, k, v, qpos, kpos, qseg, kseg)
   # dlse enters like a softmax output's: d lse / d s = P, so it shifts delta (Alg. 2, line 19).
   delta = jnp.einsum('BTNH,BTNH->BNT', dout, out) - dlse
-  do = dout.astype(q.dtype)
-  stats = (do, lse, delta)
-
-  layout = tuple(jnp.asarray(x) for x in (spec.blocks, spec.flags, spec.count))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, spec, has_seg),
-      grid=(b, n, tp // spec.block),
-      in_specs=_specs(spec, q, k, qpos, kpos, qseg, kseg, query_tile=True, layout=layout)
-      + [pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0)),
-         _stats_spec(spec, tp, True), _stats_spec(spec, tp, True)],
-      out_specs=pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0)),
-      out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
-      interpret=spec.interpret, compiler_params=kernels.triton(4 if hp <= 64 else 8), name='flash_dq',
-  )(*layout, q, k, v, qpos, kpos, *segs, *stats)
-
-  transposed = tuple(jnp.asarray(x) for x in spec.transposed)
+  extras = (dout.astype(q.dtype), lse, delta)
+  dq, = _call(spec, _dq_kernel, _layout(spec), arrays, extras, query_tile=True, outputs=('seq',))
+  transposed = _layout(spec, transposed=True)
   nk = sp // spec.block
   if transposed[0].shape[1] < nk:  # key tiles no query visits: pad the layout with empty rows.
     transposed = tuple(jnp.pad(x, [(0, 0), (0, nk - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
                        for x in transposed)
-  tile = pl.BlockSpec((None, spec.block, None, hp), lambda b, n, j: (b, j, n, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, spec, has_seg),
-      grid=(b, n, nk),
-      in_specs=_specs(spec, q, k, qpos, kpos, qseg, kseg, query_tile=False, layout=transposed)
-      + [pl.BlockSpec((None, tp, None, hp), lambda b, n, j: (b, 0, n, 0)),
-         _stats_spec(spec, tp, False), _stats_spec(spec, tp, False)],
-      out_specs=[tile, tile],
-      out_shape=[jax.ShapeDtypeStruct((b, sp, n, hp), jnp.float32)] * 2,
-      interpret=spec.interpret, compiler_params=kernels.triton(4 if hp <= 64 else 8), name='flash_dkv',
-  )(*transposed, q, k, v, qpos, kpos, *segs, *stats)
+  dk, dv = _call(spec, _dkv_kernel, transposed, arrays, extras, query_tile=False,
+                 outputs=('seq', 'seq'))
   group = lambda x: x.reshape(b, sp, kh, n // kh, hp).sum(3)   # G query heads -> their kv head
   return (dq.astype(q.dtype), group(dk).astype(k.dtype), group(dv).astype(v.dtype),
           None, None, None, None)
@@ -393,16 +426,8 @@ def attend_slots(q: jax.Array, k: jax.Array, v: jax.Array, *, spec: Spec, q_pos:
     out [B, Tp, N, H] float32 (zeros for a query that sees nothing) and lse [B, Tp, N] float32
     (NEG_INF there); both differentiable (custom_vjp: the dq and dk/dv kernels).
   """
-  check_inputs(q, k, v)
-  c, h = spec.block, q.shape[3]
-  if not spec.interpret and c != kernels.pow2(c, 16):
-    raise ValueError(f'Pallas attention on the GPU needs a tile (block) that is a power of two >= '
-                     f'16; got {c} (the family\'s block or bucket_size).')
-  lh, nq, _ = spec.blocks.shape
-  if (q.shape[1] != nq * c or k.shape[1] % c or lh not in (1, q.shape[2])
-      or spec.blocks.max(initial=0) * c >= k.shape[1]):
-    raise ValueError(f'layout [{lh}, {nq}, {spec.blocks.shape[2]}] x block {c} does not fit q '
-                     f'{q.shape} and k {k.shape}.')
+  check_inputs(q, k, v, spec, dict(q_pos=q_pos, k_pos=k_pos, q_seg=q_seg, k_seg=k_seg))
+  h = q.shape[3]
   hp = padded_head_dim(h)
   pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, hp - h)]) if hp != h else x
   as_int = lambda x: None if x is None else x.astype(jnp.int32)
@@ -444,14 +469,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, scale: float
   s = k.shape[1]
   c = block or default_block(max(t, s))
   blocks, flags, count = dense_layout(t, s, causal=mask.causal, block=c)
-  spec = Spec(c, blocks, flags, count, None, mask.causal, t, s, scale,
-              interpret=kernels.interpret())
+  spec = Spec(c, blocks, flags, count, None, mask.causal, t, s, scale, kernels.interpret())
   tp, sp = blocks.shape[1] * c, -(-s // c) * c
   pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-  positions = lambda n, length: jnp.where(jnp.arange(length) < n, jnp.arange(length), -1)[None, None]
+  positions = lambda n, length: jnp.where(jnp.arange(length) < n, jnp.arange(length),
+                                          -1)[None, None]
   segs = {}
   if mask.q_segment_ids is not None:
-    segs = dict(q_seg=pad(mask.q_segment_ids, tp)[:, None], k_seg=pad(mask.kv_segment_ids, sp)[:, None])
+    segs = dict(q_seg=pad(mask.q_segment_ids, tp)[:, None],
+                k_seg=pad(mask.kv_segment_ids, sp)[:, None])
   out, lse = attend_slots(pad(q, tp), pad(k, sp), pad(v, sp), spec=spec,
                           q_pos=positions(t, tp), k_pos=positions(s, sp), **segs)
   return out[:, :t], lse[:, :t]

@@ -10,8 +10,8 @@ twin `efflong.attention.linear._prefix` (same arguments, same outputs), which
 `linear.attend_features(impl=...)` switches to it.
 
 Forward, grid (B, N): one program per query head walks the chunks of C tokens in order
-(`lax.fori_loop`), carrying on chip S = sum kf v^T [M, H], z = sum kf [1, M] and the id [1, 1] of the
-run open at the chunk's end; inside a chunk the C x C kernel matrix is masked directly (same run and
+(`lax.fori_loop`), carrying on chip S = sum kf v^T [M, H], z = sum kf [1, M] and the id [1, 1] of
+the run open at the chunk's end; inside a chunk the C x C kernel matrix is masked directly (same run and
 causal order), and a query adds qf^T S, qf^T z when it is in the carried run. The kv heads are read
 at n // G (grouped-query attention).
 
@@ -242,17 +242,19 @@ def _backward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, dnum: ja
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _padded(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, size: int, strict: bool,
             interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """`_forward` with the kernels' backward."""
-  return _forward(q, k, v, seg, size, strict, interpret)
+  """`_forward` with the kernels' backward; each device runs them on its own batch rows."""
+  return _padded_fwd(q, k, v, seg, size, strict, interpret)[0]
 
 
 def _padded_fwd(q, k, v, seg, size, strict, interpret):
-  return _forward(q, k, v, seg, size, strict, interpret), (q, k, v, seg)
+  forward = functools.partial(_forward, size=size, strict=strict, interpret=interpret)
+  return kernels.batch_sharded(forward, (q, k, v, seg), [True] * 4), (q, k, v, seg)
 
 
 def _padded_bwd(size, strict, interpret, residuals, cotangents):
-  dnum, dden = cotangents
-  return (*_backward(*residuals, dnum, dden, size, strict, interpret), None)  # seg: integer
+  backward = functools.partial(_backward, size=size, strict=strict, interpret=interpret)
+  grads = kernels.batch_sharded(backward, (*residuals, *cotangents), [True] * 6)
+  return (*grads, None)  # seg: integer
 
 
 _padded.defvjp(_padded_fwd, _padded_bwd)

@@ -16,16 +16,16 @@ from efflong.nn.layers import Dtype, head_projection, partitioned
 class Attention(nnx.Module):
   """Projections q, k, v, o around `attention.get(family).attend`.
 
-  The family, its hyper-parameters and impl (`Family.bind`: 'xla' | 'pallas' | 'auto') are static: a model for other hyper-parameters (an eval-time
-  override) is a second graph over the same parameters. max_len (the longest input) and
-  stack_modules (a dict shared by the layers of a stack) reach only the family's module factory.
+  The family, its hyper-parameters and impl (`Family.bind`: 'xla' | 'pallas' | 'auto') are
+  static: a model for other hyper-parameters (an eval-time override) is a second graph over the
+  same parameters. max_len (the longest input) and stack_modules (a dict shared by the layers of
+  a stack) reach only the family's module factory.
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, num_kv_heads: int | None = None,
                family: str = 'dense', family_kw: dict[str, Any] | None = None, causal: bool,
-               impl: str = 'xla',
-               max_len: int | None = None, stack_modules: dict | None = None, dtype: Dtype,
-               rngs: nnx.Rngs):
+               impl: str = 'xla', max_len: int | None = None, stack_modules: dict | None = None,
+               dtype: Dtype, rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
     if num_heads % num_kv_heads:
       raise ValueError(f'model.num_kv_heads={num_kv_heads} must divide num_heads={num_heads}.')

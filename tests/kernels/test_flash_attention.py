@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efflong import attention
+from efflong import attention, kernels
 from efflong.attention import Mask, bigbird, dense, local, longformer, lsh, sparse
+from efflong.attention.mask import NEG_INF
 from efflong.kernels import flash_attention
 from tests.attention import arrays, close, vjp
 
@@ -50,6 +51,11 @@ CASES = {
     'fixed-factorized': (sparse.fixed, dict(block=8, summary=1, factorized=True), True, None),
     'longformer-global': (longformer.attend, dict(window=4, global_tokens=3, block=16,
                                                   separate_global=False), False, 'pad'),
+    'longformer-flags': (longformer.attend, dict(window=4, global_tokens=3, block=16,
+                                                 separate_global=False), True, 'packed+flags'),
+    'strided-bidirectional': (sparse.strided, dict(stride=5, block=16), False, 'pad'),
+    'bigbird-bidirectional': (bigbird.attend, dict(window=1, random_blocks=1, block=16), False,
+                              None),
     'bigbird': (bigbird.attend, dict(window=1, random_blocks=1, global_tokens=2, block=16), True,
                 'packed'),
     'lsh': (lsh.attend, dict(n_hashes=2, bucket_size=8, rng=jax.random.key(3)), True, 'packed'),
@@ -58,10 +64,18 @@ CASES = {
 }
 
 
+def _mask(causal, seg):
+  """seg as in _segments, '+flags': also per-example global tokens (two per row)."""
+  kind, _, flags = (seg or '').partition('+')
+  tokens = jnp.zeros((B, T), bool).at[0, [3, 30]].set(True).at[1, [0, 17]].set(True)
+  return Mask.from_segments(_segments(kind or None), causal=causal,
+                            global_tokens=tokens if flags else None)
+
+
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_family_kernel_equals_xla(name):
   fn, kw, causal, seg = CASES[name]
-  mask = Mask.from_segments(_segments(seg), causal=causal)
+  mask = _mask(causal, seg)
   (q, k, v), dout = _inputs(kv_heads=N if fn is lsh.attend else K)
   if fn is lsh.attend:
     k = q  # shared QK
@@ -92,27 +106,30 @@ def test_dense_kernel_equals_reference_with_lse(causal, seg, kv_len):
     close(g, w, f'd{what}')
 
 
-def test_bfloat16_inputs_accumulate_in_float32():
-  """bf16 q, k, v through the kernels against the float32 reference: bf16 rounding only."""
-  (q, k, v), dout = _inputs(jnp.bfloat16)
+@pytest.mark.parametrize('name', ['dense', 'local', 'lsh'])
+def test_bfloat16_inputs_accumulate_in_float32(name):
+  """bf16 q, k, v through the kernels against the float32 XLA twin: bf16 rounding only."""
+  fn, kw = {'dense': (dense.attend, {}), 'local': (local.attend, dict(window=5, block=16)),
+            'lsh': CASES['lsh'][:2]}[name]
+  (q, k, v), dout = _inputs(jnp.bfloat16, kv_heads=N if name == 'lsh' else K)
+  k = q if name == 'lsh' else k
   mask = Mask.from_segments(_segments('packed'), causal=True)
   f32 = lambda *x: [y.astype(jnp.float32) for y in x]
-  got, got_grads = vjp(functools.partial(local.attend, mask=mask, window=5, block=16,
-                                         impl='pallas'), (q, k, v), dout)
-  want, want_grads = vjp(functools.partial(local.attend, mask=mask, window=5, block=16),
-                         tuple(f32(q, k, v)), dout.astype(jnp.float32))
+  got, got_grads = vjp(functools.partial(fn, mask=mask, impl='pallas', **kw), (q, k, v), dout)
+  want, want_grads = vjp(functools.partial(fn, mask=mask, **kw), tuple(f32(q, k, v)),
+                         dout.astype(jnp.float32))
   assert got.dtype == jnp.bfloat16 and got_grads[0].dtype == jnp.bfloat16
   close(got, want, 'out', rtol=2e-2)
   for what, g, w in zip('qkv', got_grads, want_grads):
     close(g, w, f'd{what}', rtol=3e-2)
 
 
-def test_fully_masked_tiles_are_not_visited():
+def test_causal_layouts_list_only_the_tiles_up_to_the_diagonal():
   """A causal dense layout lists only the tiles up to the diagonal; the transposed layout of the
   dk/dv kernel lists, per key tile, exactly the query tiles visiting it."""
   blocks, flags, count = flash_attention.dense_layout(40, 40, causal=True, block=16)
   assert count.tolist() == [[1, 2, 3]]
-  spec = flash_attention.Spec(16, blocks, flags, count, None, True, 40, 40, 1.0)
+  spec = flash_attention.Spec(16, blocks, flags, count, None, True, 40, 40, 1.0, True)
   t_blocks, _, t_count = spec.transposed
   assert t_count.tolist() == [[3, 2, 1]]
   assert t_blocks[0, 0, :3].tolist() == [0, 1, 2]
@@ -120,41 +137,80 @@ def test_fully_masked_tiles_are_not_visited():
   assert flash_attention.dense_layout(16, 40, causal=True, block=16)[2].tolist() == [[3]]
 
 
-def test_rows_that_see_nothing_are_zero_with_finite_gradients():
+def test_rows_that_see_nothing_are_zero_beside_rows_that_see_keys():
+  """Query rows whose segment has no key (id 3) get zeros and NEG_INF, and pass no gradient;
+  the other rows, in the same tiles, match the reference (lse compared on them only)."""
   (q, k, v), dout = _inputs()
-  ids = jnp.zeros((B, T), jnp.int32).at[:, :8].set(1)
-  mask = Mask(causal=False, q_segment_ids=jnp.full((B, T), 3), kv_segment_ids=ids)
-  out, grads = vjp(functools.partial(dense.attend, mask=mask, impl='pallas'), (q, k, v), dout)
-  assert not np.any(np.asarray(out))
-  assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+  q_ids = jnp.ones((B, T), jnp.int32).at[:, 5:12].set(3).at[1, 30:].set(3)
+  mask = Mask(causal=False, q_segment_ids=q_ids, kv_segment_ids=_segments('packed'))
+  dlse, = arrays((B, T, N), seed=2)
+  reference = lambda q, k, v: dense.attend_allowed(q, k, v, mask.materialize(T, T)[:, None],
+                                                   H ** -0.5)
+  kernel = lambda q, k, v: flash_attention.attend(q, k, v, mask=mask, scale=H ** -0.5, block=16)
+  (out, lse), grads = vjp(kernel, (q, k, v), (dout, dlse))
+  (want, want_lse), want_grads = vjp(reference, (q, k, v), (dout, dlse))
+  blind = np.asarray(q_ids == 3)
+  assert not np.any(np.asarray(out)[blind]) and np.all(np.asarray(lse)[blind] == NEG_INF)
+  assert not np.any(np.asarray(grads[0])[blind])
+  close(out, want, 'out')
+  close(np.asarray(lse)[~blind], np.asarray(want_lse)[~blind], 'lse')
+  for what, g, w in zip('qkv', grads, want_grads):
+    close(g, w, f'd{what}')
 
 
 def _spec(c=16, nq=3):
   blocks, flags, count = flash_attention.dense_layout(nq * c, nq * c, causal=False, block=c)
-  return flash_attention.Spec(c, blocks, flags, count, None, False, nq * c, nq * c, 1.0)
+  return flash_attention.Spec(c, blocks, flags, count, None, False, nq * c, nq * c, 1.0, True)
 
 
-@pytest.mark.parametrize('dtype,kv_heads,length,match', [
-    (jnp.float16, K, 48, 'float32 or bfloat16'),
-    (jnp.float32, 3, 48, 'K=3 must divide query heads N=4'),
-    (jnp.float32, K, 40, r'layout \[1, 3, 3\] x block 16 does not fit'),
-])
-def test_bad_input_is_one_line(dtype, kv_heads, length, match):
-  q = jnp.zeros((1, length, N, H), dtype)
-  k = jnp.zeros((1, 48, kv_heads, H), dtype)
+BAD = {  # case -> (overrides of the good call's arguments, the error's text)
+    'float16': (dict(dtype=jnp.float16), 'float32 or bfloat16'),
+    'K does not divide N': (dict(kv_heads=3),
+                            r'K=3 must divide query heads N=4; valid K: \[1, 2, 4\]'),
+    'k head dim': (dict(k_head_dim=4), r'k and v must be \[B=1, S, K, H=8\]'),
+    'layout vs q': (dict(length=40), r'layout \[L=1, 3, 3\] x block 16 does not fit .* T = 48'),
+    'positions': (dict(q_pos_len=40),
+                  r'q_pos has shape \(1, 1, 40\); expected \[1 or 1, 1 or 4, 48\]'),
+    'one segment array': (dict(q_seg=True), 'both q_seg and k_seg, or neither'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD))
+def test_bad_input_is_one_line(case):
+  kw, match = BAD[case]
+  length = kw.get('length', 48)
+  q = jnp.zeros((1, length, N, H), kw.get('dtype', jnp.float32))
+  k = jnp.zeros((1, 48, kw.get('kv_heads', K), kw.get('k_head_dim', H)), q.dtype)
   pos = jnp.arange(48)[None, None]
+  segs = dict(q_seg=pos) if kw.get('q_seg') else {}
   with pytest.raises(ValueError, match=match) as err:
-    flash_attention.attend_slots(q, k, k, spec=_spec(), q_pos=pos[..., :length], k_pos=pos)
+    flash_attention.attend_slots(q, k, k, spec=_spec(), k_pos=pos, **segs,
+                                 q_pos=pos[..., :kw.get('q_pos_len', length)])
   assert '\n' not in str(err.value)
 
 
-def test_impl_is_chosen_by_the_registry():
-  """'auto' is XLA off the GPU; 'pallas' on a family without a kernel is refused; bad values too."""
+def test_bad_dtype_through_a_family():
+  (q, k, v), _ = _inputs(jnp.float16)
+  with pytest.raises(ValueError, match='float32 or bfloat16 q, k, v of one dtype; got float16'):
+    local.attend(q, k, v, mask=Mask(causal=True), window=4, block=16, impl='pallas')
+
+
+def test_impl_is_chosen_by_the_registry(monkeypatch):
+  """'auto' is Pallas on the GPU where the tile suits Triton, else XLA; 'pallas' on a family
+  without a kernel is refused; bad values too."""
   local_fam = attention.get('local')
   assert local_fam.pallas and not attention.get('linformer').pallas
-  assert local_fam.bind(causal=True, window=4, impl='auto').keywords['impl'] == 'xla'
-  assert local_fam.bind(causal=True, window=4, impl='pallas').keywords['impl'] == 'pallas'
+  assert local_fam.bind(causal=True, window=4, impl='auto').keywords['impl'] == 'auto'
+  for backend, tile, want in (('cpu', 16, 'xla'), ('gpu', 16, 'pallas'), ('gpu', 24, 'xla'),
+                              ('gpu', 8, 'xla')):
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    assert kernels.resolve('auto', tile=tile) == want, (backend, tile)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  with pytest.raises(ValueError, match="'pallas' is not available on TPU"):
+    local_fam.bind(causal=True, window=4, impl='pallas')
+  monkeypatch.undo()
   with pytest.raises(ValueError, match="'linformer' has no Pallas path"):
     attention.get('linformer').bind(causal=False, impl='pallas', k=4)
   with pytest.raises(ValueError, match="impl='triton' \\(config.model.attention_impl\\); valid"):
     local_fam.bind(causal=True, window=4, impl='triton')
+

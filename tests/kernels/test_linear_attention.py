@@ -41,7 +41,8 @@ def test_prefix_equals_the_xla_twin(strict):
   twin = lambda *a: linear._prefix(*a, seg, chunk=CHUNK, strict=strict)
   got, got_grads = vjp(kernel, args, cotangents)
   want, want_grads = vjp(twin, args, cotangents)
-  for g, w, what in zip((*got, *got_grads), (*want, *want_grads), ('num', 'den', 'dqf', 'dkf', 'dv')):
+  for g, w, what in zip((*got, *got_grads), (*want, *want_grads),
+                        ('num', 'den', 'dqf', 'dkf', 'dv')):
     close(g, w, what)
 
 

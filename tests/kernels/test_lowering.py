@@ -11,7 +11,7 @@ import pytest
 from jax import export
 
 from efflong import kernels
-from efflong.attention import Mask, dense, linear, local, longformer, lsh, sparse
+from efflong.attention import Mask, bigbird, dense, linear, local, longformer, lsh, sparse
 
 TRITON = [export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
 
@@ -25,8 +25,8 @@ def compiled(monkeypatch):
 SEG = jnp.ones((1, 300), jnp.int32)
 CASES = {
     'dense-causal-64': (functools.partial(dense.attend, mask=Mask(causal=True)), 64, 2),
-    'dense-packed-128': (functools.partial(dense.attend, mask=Mask.from_segments(SEG, causal=False)),
-                         128, 4),
+    'dense-packed-128': (functools.partial(dense.attend,
+                                           mask=Mask.from_segments(SEG, causal=False)), 128, 4),
     'local-per-head': (functools.partial(local.attend, mask=Mask(causal=True), window=32,
                                          dilation=(1, 2, 1, 2), block=32), 64, 2),
     'longformer': (functools.partial(longformer.attend, mask=Mask(causal=False), window=32,
@@ -35,6 +35,8 @@ CASES = {
                 64, 2),
     'linear-causal': (functools.partial(linear.attend, mask=Mask.from_segments(SEG, causal=True)),
                       64, 2),
+    'bigbird-per-head': (functools.partial(bigbird.attend, mask=Mask(causal=False), window=1,
+                                           random_blocks=1, block=32), 64, 2),
     'lsh': (functools.partial(lsh.attend, mask=Mask.from_segments(SEG, causal=True),
                               rng=jax.random.key(0), n_hashes=2, bucket_size=32), 64, 4),
 }
