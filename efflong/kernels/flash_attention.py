@@ -24,7 +24,8 @@ not multiplied. Shared-QK attention (Reformer) gives a query's own key the logit
 
 Block shapes: the tile C is the layout's block (the model's layouts use 16 ... 128); the lane axis
 is the head dimension, padded to a power of two >= 64 (Triton loads power-of-two tiles). The
-kernels were run in interpret mode on the CPU and lowered to Triton for CUDA (tests/kernels/test_lowering.py); see the README for what ran where.
+kernels were run in interpret mode on the CPU and lowered to Triton for CUDA
+(tests/kernels/test_lowering.py); see the README for what ran where.
 """
 
 from __future__ import annotations
@@ -191,28 +192,46 @@ def _split(refs: Refs, has_seg: bool, extras: int) -> tuple[Refs, Refs, Refs, Re
   return layout, arrays, seg, rest[:extras], rest[extras:]
 
 
-def _walk(spec: Spec, layout: Refs, pos: Refs, seg: Refs, *, query_tile: bool,
-          step: Callable[..., Any], init: Any) -> Any:
-  """Folds step over the tiles the program's tile visits, skipping those with no allowed pair.
+def _read(ref: Any, *index: Any) -> jax.Array | None:
+  return None if ref is None else ref[index]
 
-  step(other, q_pos, k_pos, ok, carry) -> carry gets the visited tile's rows `other` (a pl.ds),
-  the positions of the pair's query and key tiles and their allowed pairs ok [Cq, Ck].
+
+def _walk(spec: Spec, layout: Refs, head: jax.Array, own: tuple, other: Callable[..., tuple], *,
+          query_tile: bool, step: Callable[..., Any], init: Any) -> Any:
+  """Folds step over the tiles the program's tile (grid axis 2) visits, skipping those with no
+  allowed pair.
+
+  Args:
+    spec: static parameters.
+    layout: (blocks, flags, count) refs: the layout, or its transpose for key tiles.
+    head: the query head (its layout row and the pattern's head argument).
+    own: (positions [C], segment ids [C] or None) of the program's tile.
+    other: rows (a pl.ds) -> (positions, segment ids) of a visited tile.
+    query_tile: the program's tile holds queries (else keys).
+    step: (rows, q_pos, k_pos, ok [Cq, Ck], carry) -> carry, for each visited tile.
+    init: the initial carry.
   """
   blocks, flags, count = layout
-  n, i, c = pl.program_id(1), pl.program_id(2), spec.block
-  l = n if spec.blocks.shape[0] > 1 else 0
-  mine, theirs = (0, 1) if query_tile else (1, 0)
-  read = lambda ref, rows: None if ref is None else ref[rows]
-  own_pos, own_seg = pos[mine][...], read(seg[mine], slice(None))
+  i, c = pl.program_id(2), spec.block
+  l = head if spec.blocks.shape[0] > 1 else 0
 
   def visit(slot, carry):
-    other = pl.ds(blocks[l, i, slot] * c, c)
-    pair_pos = (own_pos, pos[theirs][other])[::1 if query_tile else -1]
-    pair_seg = (own_seg, read(seg[theirs], other))[::1 if query_tile else -1]
-    ok = _allowed(spec, *pair_pos, *pair_seg, flags[l, i, slot], n)
-    return jax.lax.cond(_any(ok), lambda x: step(other, *pair_pos, ok, x), lambda x: x, carry)
+    rows = pl.ds(blocks[l, i, slot] * c, c)
+    theirs = other(rows)
+    (qp, qs), (kp, ks) = (own, theirs) if query_tile else (theirs, own)
+    ok = _allowed(spec, qp, kp, qs, ks, flags[l, i, slot], l)  # head as in the XLA twin
+    return jax.lax.cond(_any(ok), lambda x: step(rows, qp, kp, ok, x), lambda x: x, carry)
 
   return jax.lax.fori_loop(0, count[l, i], visit, init)
+
+
+def _query_walk(spec: Spec, layout: Refs, pos: Refs, seg: Refs, *, step: Callable[..., Any],
+                init: Any) -> Any:
+  """_walk for the forward and dq kernels: grid (B, N, Nq), a query tile over its key tiles."""
+  (qpos, kpos), (qseg, kseg) = pos, seg
+  return _walk(spec, layout, pl.program_id(1), (qpos[...], _read(qseg, slice(None))),
+               lambda rows: (kpos[rows], _read(kseg, rows)), query_tile=True, step=step,
+               init=init)
 
 
 def _forward_kernel(spec: Spec, has_seg: bool, *refs: Any) -> None:
@@ -231,7 +250,7 @@ def _forward_kernel(spec: Spec, has_seg: bool, *refs: Any) -> None:
 
   init = (jnp.full((c,), NEG_INF, jnp.float32), jnp.zeros((c,), jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
-  m, total, acc = _walk(spec, layout, pos, seg, query_tile=True, step=step, init=init)
+  m, total, acc = _query_walk(spec, layout, pos, seg, step=step, init=init)
   seen = total > 0
   out_ref[...] = acc / jnp.where(seen, total, 1.0)[:, None]
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), NEG_INF)
@@ -253,106 +272,107 @@ def _dq_kernel(spec: Spec, has_seg: bool, *refs: Any) -> None:
     ds = jnp.where(grad, p * (kernels.dot(do, v_ref[keys, :], (1, 1)) - delta[:, None]), 0.0)
     return dq + kernels.dot(ds.astype(k.dtype), k, (1, 0))
 
-  dq = _walk(spec, layout, pos, seg, query_tile=True, step=step,
-             init=jnp.zeros(q.shape, jnp.float32))
+  dq = _query_walk(spec, layout, pos, seg, step=step, init=jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq * spec.scale
 
 
 def _dkv_kernel(spec: Spec, has_seg: bool, *refs: Any) -> None:
-  """Grid (B, N, Nk): one query head's share of dk, dv for one key tile (Alg. 2, dk/dv half);
-  the wrapper sums the G query heads of a kv head. dV = P^T dO, dK = scale dS^T Q."""
-  layout, (q_ref, k_ref, v_ref, *pos), seg, (do_ref, lse_ref, delta_ref), (dk_ref, dv_ref) = (
-      _split(refs, has_seg, 3))
-  k, v = k_ref[...], v_ref[...]
+  """Grid (B, K, Nk): dk, dv of one key tile (Alg. 2, the dk/dv half), summed on chip over the G
+  query heads of its kv head. dV = P^T dO, dK = scale dS^T Q.
 
-  def step(rows, qp, kp, ok, carry):
-    dk, dv = carry
-    q, do = q_ref[rows, :], do_ref[rows, :]
-    s, grad = _logits(spec, q, k, qp, kp, ok)
-    p = jnp.where(ok, jnp.exp(s - lse_ref[rows][:, None]), 0.0)
-    dv = dv + kernels.dot(p.astype(do.dtype), do, (0, 0))
-    ds = jnp.where(grad, p * (kernels.dot(do, v, (1, 1)) - delta_ref[rows][:, None]), 0.0)
-    return dk + kernels.dot(ds.astype(q.dtype), q, (0, 0)), dv
+  q and dO arrive as [Tp, G, Hp], lse and delta as [G, Tp], query positions and ids as [G or 1, Tp].
+  """
+  layout, (q_ref, k_ref, v_ref, qpos, kpos), (qseg, kseg), (do_ref, lse_ref, delta_ref), (
+      dk_ref, dv_ref) = _split(refs, has_seg, 3)
+  k, v, groups = k_ref[...], v_ref[...], q_ref.shape[1]
+  own = (kpos[...], _read(kseg, slice(None)))
+  carry = (jnp.zeros(k.shape, jnp.float32),) * 2
+  for g in range(groups):
+    row = lambda ref, g=g: g if ref.shape[0] > 1 else 0    # a query head's row of [G or 1, Tp]
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = _walk(spec, layout, pos, seg, query_tile=False, step=step, init=(zeros, zeros))
-  dk_ref[...] = dk * spec.scale
-  dv_ref[...] = dv
+    def step(rows, qp, kp, ok, carry, g=g):
+      dk, dv = carry
+      q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+      s, grad = _logits(spec, q, k, qp, kp, ok)
+      p = jnp.where(ok, jnp.exp(s - lse_ref[g, rows][:, None]), 0.0)
+      dv = dv + kernels.dot(p.astype(do.dtype), do, (0, 0))
+      ds = jnp.where(grad, p * (kernels.dot(do, v, (1, 1)) - delta_ref[g, rows][:, None]), 0.0)
+      return dk + kernels.dot(ds.astype(q.dtype), q, (0, 0)), dv
+
+    other = lambda rows, row=row: (qpos[row(qpos), rows],
+                                   None if qseg is None else qseg[row(qseg), rows])
+    carry = _walk(spec, layout, pl.program_id(1) * groups + g, own, other, query_tile=False,
+                  step=step, init=carry)
+  dk_ref[...] = carry[0] * spec.scale
+  dv_ref[...] = carry[1]
 
 
 # ----------------------------------------------------------------------------- pallas_call wrappers
 
 
-def _specs(spec: Spec, q: jax.Array, k: jax.Array, qpos: jax.Array, kpos: jax.Array,
-           qseg: jax.Array | None, kseg: jax.Array | None, *, query_tile: bool, layout: tuple
-           ) -> list[pl.BlockSpec]:
-  """BlockSpecs for (layout, q, k, v, q_pos, k_pos, [q_seg, k_seg]) on grid (B, N, tiles)."""
-  c, (tp, hp), sp = spec.block, (q.shape[1], q.shape[3]), k.shape[1]
-  g = q.shape[2] // k.shape[2]
-  whole = lambda a: pl.BlockSpec(a.shape, lambda b, n, i: (0,) * a.ndim)
+def _specs(spec: Spec, q: jax.Array, k: jax.Array, rows: tuple, extras: int, *, query_tile: bool,
+           layout: tuple) -> list[pl.BlockSpec]:
+  """BlockSpecs of (layout, q, k, v, q_pos, k_pos, [q_seg, k_seg], extras).
 
-  def seq(length: int, tiled: bool, heads: Callable):
-    """[B, L, heads, Hp]: a tile of C rows, or the whole sequence."""
-    if tiled:
-      return pl.BlockSpec((None, c, None, hp), lambda b, n, i: (b, i, heads(n), 0))
-    return pl.BlockSpec((None, length, None, hp), lambda b, n, i: (b, 0, heads(n), 0))
-
-  def row(a: jax.Array, tiled: bool, heads: Callable):
-    """[1|B, 1|heads, L] positions or ids."""
-    pick = lambda b, n: (b if a.shape[0] > 1 else 0, heads(n) if a.shape[1] > 1 else 0)
-    if tiled:
-      return pl.BlockSpec((None, None, c), lambda b, n, i: (*pick(b, n), i))
-    return pl.BlockSpec((None, None, a.shape[2]), lambda b, n, i: (*pick(b, n), 0))
-
-  same, group = (lambda n: n), (lambda n: n // g)
-  out = [whole(a) for a in layout]
-  out += [seq(tp, query_tile, same), seq(sp, not query_tile, group),
-          seq(sp, not query_tile, group), row(qpos, query_tile, same),
-          row(kpos, not query_tile, group)]
-  if qseg is not None:
-    out += [row(qseg, query_tile, same), row(kseg, not query_tile, group)]
-  return out
-
-
-def _stats_spec(spec: Spec, length: int, tiled: bool) -> pl.BlockSpec:
-  """[B, N, Tp] float32 row statistics (lse, delta): a tile or the whole row."""
-  if tiled:
-    return pl.BlockSpec((None, None, spec.block), lambda b, n, i: (b, n, i))
-  return pl.BlockSpec((None, None, length), lambda b, n, i: (b, n, 0))
+  query_tile: grid (B, N, Nq), a query tile and the whole key side of its kv head. Else grid
+  (B, K, Nk): a key tile and the whole query side of the kv head's G query heads.
+  rows: (q_pos, k_pos) and the segment ids if any, each [1|B, 1|heads, L].
+  """
+  c, (tp, n, hp), (sp, kh) = spec.block, q.shape[1:], k.shape[1:3]
+  g = n // kh
+  whole = lambda a: pl.BlockSpec(a.shape, lambda b, h, i: (0,) * a.ndim)
+  batch = lambda a, b: b if a.shape[0] > 1 else 0
+  if query_tile:
+    kv_head = lambda h: h // g
+    q_side = pl.BlockSpec((None, c, None, hp), lambda b, h, i: (b, i, h, 0))
+    k_side = pl.BlockSpec((None, sp, None, hp), lambda b, h, i: (b, 0, kv_head(h), 0))
+    q_row = lambda a: pl.BlockSpec((None, None, c), lambda b, h, i: (
+        batch(a, b), h if a.shape[1] > 1 else 0, i))
+    k_row = lambda a: pl.BlockSpec((None, None, sp), lambda b, h, i: (
+        batch(a, b), kv_head(h) if a.shape[1] > 1 else 0, 0))
+    stats = pl.BlockSpec((None, None, c), lambda b, h, i: (b, h, i))
+  else:
+    q_side = pl.BlockSpec((None, tp, g, hp), lambda b, h, j: (b, 0, h, 0))
+    k_side = pl.BlockSpec((None, c, None, hp), lambda b, h, j: (b, j, h, 0))
+    q_row = lambda a: pl.BlockSpec((None, g if a.shape[1] > 1 else 1, tp), lambda b, h, j: (
+        batch(a, b), h if a.shape[1] > 1 else 0, 0))
+    k_row = lambda a: pl.BlockSpec((None, None, c), lambda b, h, j: (
+        batch(a, b), h if a.shape[1] > 1 else 0, j))
+    stats = pl.BlockSpec((None, g, tp), lambda b, h, j: (b, h, 0))
+  sides = [q_row, k_row] * (len(rows) // 2)
+  return ([whole(a) for a in layout] + [q_side, k_side, k_side]
+          + [side(a) for side, a in zip(sides, rows)] + [q_side, stats, stats][:extras])
 
 
 def _call(spec: Spec, kernel: Callable, layout: tuple, arrays: tuple, extras: tuple = (), *,
           query_tile: bool, outputs: tuple[str, ...]) -> list[jax.Array]:
-  """One kernel on grid (B, N, tiles), each device on its own batch rows (`kernels.batch_sharded`).
+  """One kernel, each device on its own batch rows (`kernels.batch_sharded`).
 
   Args:
     spec: static parameters.
-    kernel: _forward_kernel, _dq_kernel or _dkv_kernel.
+    kernel: _forward_kernel, _dq_kernel (grid (B, N, Nq)) or _dkv_kernel (grid (B, K, Nk)).
     layout: (blocks, flags, count) arrays: the layout, or for the dk/dv kernel its transpose.
     arrays: (q, k, v, q_pos, k_pos) and, with segment ids, (q_seg, k_seg).
     extras: () or the backward's (do [B, Tp, N, Hp], lse [B, N, Tp], delta [B, N, Tp]).
     query_tile: the grid walks query tiles (forward, dq) or key tiles (dk/dv).
-    outputs: per output, 'seq' ([B, L, N, Hp] float32, L the walked length) or 'stats'
+    outputs: per output, 'seq' ([B, L, heads, Hp] float32, L the walked length) or 'stats'
       ([B, N, L] float32).
   """
   has_seg = len(arrays) == 7
 
   def call(*args):
     q, k = args[3], args[4]
-    b, tp, n, hp = q.shape
-    length = tp if query_tile else k.shape[1]
-    tile = pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0))
-    extra_specs = [pl.BlockSpec((None, spec.block, None, hp), lambda b, n, i: (b, i, n, 0))
-                   if query_tile else
-                   pl.BlockSpec((None, tp, None, hp), lambda b, n, i: (b, 0, n, 0)),
-                   _stats_spec(spec, tp, query_tile), _stats_spec(spec, tp, query_tile)]
-    kinds = {'seq': (tile, (b, length, n, hp)),
-             'stats': (_stats_spec(spec, length, True), (b, n, length))}
+    b, hp = q.shape[0], q.shape[3]
+    heads, length = (q.shape[2], q.shape[1]) if query_tile else (k.shape[2], k.shape[1])
+    tile = pl.BlockSpec((None, spec.block, None, hp), lambda b, h, i: (b, i, h, 0))
+    kinds = {'seq': (tile, (b, length, heads, hp)),
+             'stats': (pl.BlockSpec((None, None, spec.block), lambda b, h, i: (b, h, i)),
+                       (b, heads, length))}
     return pl.pallas_call(
         functools.partial(kernel, spec, has_seg),
-        grid=(b, n, length // spec.block),
-        in_specs=_specs(spec, *args[3:5], *args[6:8], *(args[8:10] if has_seg else (None, None)),
-                        query_tile=query_tile, layout=args[:3]) + extra_specs[:len(extras)],
+        grid=(b, heads, length // spec.block),
+        in_specs=_specs(spec, q, k, args[6:3 + len(arrays)], len(extras), query_tile=query_tile,
+                        layout=args[:3]),
         out_specs=[kinds[o][0] for o in outputs],
         out_shape=[jax.ShapeDtypeStruct(kinds[o][1], jnp.float32) for o in outputs],
         interpret=spec.interpret, compiler_params=kernels.triton(4 if hp <= 64 else 8),
@@ -386,23 +406,19 @@ def _flash_fwd(spec, q, k, v, qpos, kpos, qseg, kseg):
 def _flash_bwd(spec, residuals, cotangents):
   q, k, v, qpos, kpos, qseg, kseg, out, lse = residuals
   dout, dlse = cotangents
-  b, _, n, hp = q.shape
-  sp, kh = k.shape[1], k.shape[2]
   arrays = _arrays(q, k, v, qpos, kpos, qseg, kseg)
   # dlse enters like a softmax output's: d lse / d s = P, so it shifts delta (Alg. 2, line 19).
   delta = jnp.einsum('BTNH,BTNH->BNT', dout, out) - dlse
   extras = (dout.astype(q.dtype), lse, delta)
   dq, = _call(spec, _dq_kernel, _layout(spec), arrays, extras, query_tile=True, outputs=('seq',))
   transposed = _layout(spec, transposed=True)
-  nk = sp // spec.block
+  nk = k.shape[1] // spec.block
   if transposed[0].shape[1] < nk:  # key tiles no query visits: pad the layout with empty rows.
     transposed = tuple(jnp.pad(x, [(0, 0), (0, nk - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
                        for x in transposed)
   dk, dv = _call(spec, _dkv_kernel, transposed, arrays, extras, query_tile=False,
                  outputs=('seq', 'seq'))
-  group = lambda x: x.reshape(b, sp, kh, n // kh, hp).sum(3)   # G query heads -> their kv head
-  return (dq.astype(q.dtype), group(dk).astype(k.dtype), group(dv).astype(v.dtype),
-          None, None, None, None)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -11,9 +11,10 @@ twin `efflong.attention.linear._prefix` (same arguments, same outputs), which
 
 Forward, grid (B, N): one program per query head walks the chunks of C tokens in order
 (`lax.fori_loop`), carrying on chip S = sum kf v^T [M, H], z = sum kf [1, M] and the id [1, 1] of
-the run open at the chunk's end; inside a chunk the C x C kernel matrix is masked directly (same run and
-causal order), and a query adds qf^T S, qf^T z when it is in the carried run. The kv heads are read
-at n // G (grouped-query attention).
+the run open at the chunk's end; inside a chunk the C x C kernel matrix is masked directly (same
+run and causal order), and a query adds qf^T S, qf^T z when it is in the carried run. The kv heads
+are read at n // G (grouped-query attention). On several devices each call runs on the device's own
+batch rows (`kernels.batch_sharded`).
 
 Backward (no autodiff through the forward kernel). With the cotangents dnum [T, H], dden [T] of one
 head and w_ij = dnum_i . v_j + dden_i for j in A(i):
@@ -35,8 +36,8 @@ checks every load and store), so C = the requested chunk rounded up to a power o
 and M, H are zero-padded to a power of two, at least 64 (so 64 or a multiple of 128); T is padded
 to a multiple of C with segment id -1, a run of its own. Zero padding and the choice of C leave the
 results unchanged. Tiles are computed in float32 (the callers pass float32 features); the matmuls
-are `lax.dot_general` with float32 accumulation. The kernels were run in interpret mode on the CPU
-and lowered to Triton for CUDA (`jax.export`), never run on a GPU.
+are `kernels.dot` (float32 products, not TF32). The kernels were run in interpret mode on the CPU
+and lowered to Triton for CUDA (tests/kernels/test_lowering.py), never run on a GPU.
 """
 
 from __future__ import annotations

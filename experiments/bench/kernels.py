@@ -92,7 +92,7 @@ def _attend(pattern: str, impl: str, causal: bool) -> Callable:
 
 
 def _density(pattern: str, t: int, causal: bool) -> float:
-  """Fraction of the T x T tiles the kernel visits (dense: the causal tiles, or 1)."""
+  """Fraction of the T x T tiles the kernel visits (dense: the causal tiles, or 1; linear: 0)."""
   if pattern == 'dense':
     _, _, count = flash_attention.dense_layout(t, t, causal=causal, block=128)
     return count.sum() * 128 ** 2 / t ** 2
@@ -107,8 +107,8 @@ def _density(pattern: str, t: int, causal: bool) -> float:
                                      random_blocks=kw['random_blocks'], causal=causal, seed=0)]
   elif pattern == 'lsh':  # Each round: a chunk and the one before it.
     return kw['n_hashes'] * 2 * kw['bucket_size'] / t
-  else:
-    return float('nan')
+  else:  # linear: no tiles
+    return 0.0
   return sum(lay.density(t, t) for lay in layouts)
 
 
@@ -126,11 +126,11 @@ def _row(pattern: str, impl: str, t: int, h: int, causal: bool, dtype) -> list[d
   flops = 4 * b * n * t * t * h * density
   rows = []
   for direction, f, mult in (('fwd', forward, 1.0), ('fwd+bwd', both, 3.5)):
-    row = dict(pattern=pattern, impl=impl, T=t, H=h, B=b, N=n,
-               mask='causal' if causal else 'full', pass_=direction, density=round(density, 4))
+    row = dict(pattern=pattern, impl=impl, T=t, H=h, B=b, N=n, mask='causal' if causal else 'full',
+               pass_=direction, density=round(float(density), 4))
     try:
       ms = _median_ms(f, q, k, v)
-      row.update(ms=round(ms, 3), tflops=round(mult * flops / ms / 1e9, 2))
+      row.update(ms=round(ms, 3), tflops=round(float(mult * flops / ms / 1e9), 3))
     except Exception as e:  # pylint: disable=broad-except  (recorded: cuDNN off the GPU, OOM, ...)
       row['status'] = f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'
     rows.append(row)
@@ -162,8 +162,9 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
       note = f'{scan["ms"] / r["ms"]:.1f}x the scan' if scan else ''
     ms = r.get('ms', r.get('status', ''))
     tflops = '' if r['pattern'] == 'linear' else r.get('tflops', '')
+    density = '' if r['pattern'] == 'linear' else r['density']
     out.append(f'| {r["pattern"]} | {r["impl"]} | {r["mask"]} | {r["pass_"]} | {r["T"]} | '
-               f'{r["H"]} | {r["B"]} x {r["N"]} | {ms} | {tflops} | {r["density"]} | {note} |')
+               f'{r["H"]} | {r["B"]} x {r["N"]} | {ms} | {tflops} | {density} | {note} |')
   return out
 
 
