@@ -33,13 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflong import kernels
-from efflong.attention import dense
-from efflong.attention.mask import Mask
+from efflong.attention.mask import Mask, Pattern, softmax
 from efflong.kernels import flash_attention
 
 EMPTY, PATTERN, FULL = 0, 1, 2
-
-Pattern = flash_attention.Pattern
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -112,6 +109,17 @@ def from_sets(block_sets: list[list[list[tuple[int, int]]]], block: int, **kw) -
       for v, (kb, kd) in enumerate(sorted(slots)):
         kv_blocks[h, q, v], kind[h, q, v] = kb, kd
   return Layout(block, kv_blocks, kind, **kw)
+
+
+def dense_layout(q_len: int, kv_len: int, *, causal: bool, block: int | None = None) -> Layout:
+  """Full attention as a layout: every key tile, or, causal (queries aligned at the end of the
+  keys), the tiles up to the last query's diagonal. block: default 128, or the power of two >= the
+  length (at least 16) for shorter sequences."""
+  c = block or min(128, kernels.pow2(max(q_len, kv_len), 16))
+  nq, nk = num_blocks(q_len, c), num_blocks(kv_len, c)
+  last = np.minimum(np.arange(nq) * c + c, q_len) - 1 + (kv_len - q_len)
+  reach = np.minimum(last // c + 1, nk) if causal else np.full(nq, nk)
+  return from_sets([[[(kb, FULL) for kb in range(reach[q])] for q in range(nq)]], c)
 
 
 def band(num_q: int, num_k: int, lo: int, hi: int) -> list[list[tuple[int, int]]]:
@@ -200,7 +208,7 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
   if exclude is not None:
     ok = ok & ~_gather(exclude, k_pos)[:, :, :, :, None, :]
 
-  probs, total, lse = dense.softmax(logits, ok)
+  probs, total, lse = softmax(logits, ok)
   out = jnp.einsum(f'BKGQCS,{kv_spec}->BQCKGH', probs.astype(v.dtype), vb,
                    preferred_element_type=jnp.float32)
   out = out / jnp.moveaxis(total, (3, 4), (1, 2))[..., None]

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from efflong import kernels
-from efflong.attention.mask import NEG_INF, Mask
-from efflong.kernels import flash_attention
+from efflong.attention import blocksparse
+from efflong.attention.mask import Mask, softmax
 
 
 def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> None:
@@ -24,25 +24,6 @@ def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> None:
   if n % k.shape[2]:
     raise ValueError(f'Key/value heads K={k.shape[2]} must divide query heads N={n}.')
   mask.check(b, t, k.shape[1])
-
-
-def softmax(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Masked softmax over the last axis, safe for rows that allow nothing.
-
-  Args:
-    logits: [..., S] float32 scaled logits.
-    allowed: bool, broadcastable to logits.
-  Returns:
-    probs (unnormalised, exp(logit - max)), their row sums [...], and the row log-sum-exp [...]
-    (NEG_INF for a row with no allowed key; such a row's probs are all zero).
-  """
-  logits = jnp.where(allowed, logits, NEG_INF)
-  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  probs = jnp.where(allowed, jnp.exp(logits - peak), 0.0)
-  total = jnp.sum(probs, axis=-1)
-  seen = total > 0
-  lse = jnp.where(seen, peak[..., 0] + jnp.log(jnp.where(seen, total, 1.0)), NEG_INF)
-  return probs, jnp.where(seen, total, 1.0), lse
 
 
 def attend_allowed(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
@@ -83,8 +64,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
     v: [B, S, K, H] values.
     mask: which keys each query sees.
     scale: logit scale; default H ** -0.5.
-    impl: 'xla' (the explicit T x S computation here) or 'pallas' (the FlashAttention kernels,
-      efflong.kernels.flash_attention, with their causal tiles only).
+    impl: 'xla' (the explicit T x S computation here) or 'pallas' (the FlashAttention kernels
+      over `blocksparse.dense_layout`: every key tile, or those up to the diagonal).
   Returns:
     [B, T, N, H]; a query that sees no key gets zeros.
   """
@@ -93,7 +74,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
   t, s, h = q.shape[1], k.shape[1], q.shape[3]
   scale = h ** -0.5 if scale is None else scale
   if impl == 'pallas':
-    out, _ = flash_attention.attend(q, k, v, mask=mask, scale=scale)
+    layout = blocksparse.dense_layout(t, s, causal=mask.causal)
+    out, _ = blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=scale, impl=impl)
   else:
     out, _ = attend_allowed(q, k, v, mask.materialize(t, s)[:, None], scale)
   return out.astype(q.dtype)

@@ -29,8 +29,7 @@ import numpy as np
 from flax import nnx
 
 from efflong import kernels
-from efflong.attention import dense
-from efflong.attention.mask import Mask
+from efflong.attention.mask import Mask, softmax
 from efflong.kernels import flash_attention
 
 SELF = -1e5  # A token's logit for itself: below any real logit, above a masked one.
@@ -149,7 +148,7 @@ def _sorted_xla(sq: jax.Array, sk: jax.Array, sv: jax.Array, spos: jax.Array, sv
                          None if kseg is None else kseg[..., None, :], padded, padded)
   allowed = allowed & kvalid[..., None, :]
   logits = jnp.where(qp == kp, SELF, logits)
-  probs, total, lse = dense.softmax(logits, allowed)
+  probs, total, lse = softmax(logits, allowed)
   out = jnp.einsum('BNRLCS,BNRLSH->BNRLCH', probs.astype(sv.dtype), sv,
                    preferred_element_type=jnp.float32) / total[..., None]
   return out.reshape(b, n, r, padded, h), lse.reshape(b, n, r, padded)

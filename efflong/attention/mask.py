@@ -6,9 +6,13 @@ padding and packing are the same mechanism.
 
 When T != S and the mask is causal, queries are aligned to the end of the keys: query t sits at
 key position S - T + t (the layout of decoding with a cache or a memory of S - T earlier keys).
+
+`softmax` is what a mask does to logits, shared by every family's softmax and its kernels' twins.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +21,10 @@ from flax import struct
 # The logit of a pair the mask forbids: finite, so a row that sees no key gives a uniform softmax
 # (then zeroed) rather than NaN.
 NEG_INF = -1e30
+
+# An elementwise mask on (query position, key position, query head), broadcasting: the in-block
+# pattern of a block-sparse layout (efflong.attention.blocksparse), also read by the kernels.
+Pattern = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @struct.dataclass
@@ -90,3 +98,22 @@ class Mask:
     q_seg = None if self.q_segment_ids is None else self.q_segment_ids[:, :, None]
     k_seg = None if self.kv_segment_ids is None else self.kv_segment_ids[:, None, :]
     return self.allowed(q_pos, k_pos, q_seg, k_seg, q_len, kv_len)
+
+
+def softmax(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Masked softmax over the last axis, safe for rows that allow nothing.
+
+  Args:
+    logits: [..., S] float32 scaled logits.
+    allowed: bool, broadcastable to logits.
+  Returns:
+    probs (unnormalised, exp(logit - max)), their row sums [...], and the row log-sum-exp [...]
+    (NEG_INF for a row with no allowed key; such a row's probs are all zero).
+  """
+  logits = jnp.where(allowed, logits, NEG_INF)
+  peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  probs = jnp.where(allowed, jnp.exp(logits - peak), 0.0)
+  total = jnp.sum(probs, axis=-1)
+  seen = total > 0
+  lse = jnp.where(seen, peak[..., 0] + jnp.log(jnp.where(seen, total, 1.0)), NEG_INF)
+  return probs, jnp.where(seen, total, 1.0), lse

@@ -40,12 +40,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from efflong import kernels
-from efflong.attention.mask import NEG_INF, Mask
+from efflong.attention.mask import NEG_INF, Mask, Pattern
 
 DTYPES = (jnp.float32, jnp.bfloat16)
-
-Pattern = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Spec:
@@ -450,50 +447,3 @@ def attend_slots(q: jax.Array, k: jax.Array, v: jax.Array, *, spec: Spec, q_pos:
   out, lse = _flash(spec, pad(q), pad(k), pad(v), as_int(q_pos), as_int(k_pos), as_int(q_seg),
                     as_int(k_seg))
   return out[..., :h], jnp.moveaxis(lse, 1, 2)
-
-
-def dense_layout(q_len: int, kv_len: int, *, causal: bool, block: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(blocks, flags, count) of full attention: every key tile, or, causal (queries aligned at the
-  end of the keys), the tiles up to the last query's diagonal."""
-  nq, nk = -(-q_len // block), -(-kv_len // block)
-  last = np.minimum(np.arange(nq) * block + block, q_len) - 1 + (kv_len - q_len)
-  count = np.minimum(last // block + 1, nk) if causal else np.full(nq, nk)
-  blocks = np.broadcast_to(np.arange(nk), (nq, nk))
-  return (blocks[None].astype(np.int32), np.zeros((1, nq, nk), np.int32),
-          count[None].astype(np.int32))
-
-
-def default_block(length: int) -> int:
-  """128, or the power of two >= length (at least 16) for shorter sequences."""
-  return min(128, kernels.pow2(length, 16))
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, scale: float,
-           block: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Full softmax attention with the kernels (the twin of `dense.attend_allowed` under `mask`).
-
-  Args:
-    q: [B, T, N, H]; k, v: [B, S, K, H]; any T, S (padded inside).
-    mask: causal flag and segment ids.
-    scale: logit scale.
-    block: tile length C (default `default_block`).
-  Returns:
-    out [B, T, N, H] float32 and lse [B, T, N] float32.
-  """
-  b, t = q.shape[:2]
-  s = k.shape[1]
-  c = block or default_block(max(t, s))
-  blocks, flags, count = dense_layout(t, s, causal=mask.causal, block=c)
-  spec = Spec(c, blocks, flags, count, None, mask.causal, t, s, scale, kernels.interpret())
-  tp, sp = blocks.shape[1] * c, -(-s // c) * c
-  pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-  positions = lambda n, length: jnp.where(jnp.arange(length) < n, jnp.arange(length),
-                                          -1)[None, None]
-  segs = {}
-  if mask.q_segment_ids is not None:
-    segs = dict(q_seg=pad(mask.q_segment_ids, tp)[:, None],
-                k_seg=pad(mask.kv_segment_ids, sp)[:, None])
-  out, lse = attend_slots(pad(q, tp), pad(k, sp), pad(v, sp), spec=spec,
-                          q_pos=positions(t, tp), k_pos=positions(s, sp), **segs)
-  return out[:, :t], lse[:, :t]

@@ -41,8 +41,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import benchlib
-from efflong.attention import Mask, bigbird, dense, linear, local, lsh, sparse
-from efflong.kernels import flash_attention
+from efflong.attention import Mask, bigbird, blocksparse, dense, linear, local, lsh, sparse
 
 # Pattern -> (its family's attend, which takes impl; the hyper-parameters timed).
 _PATTERNS: dict[str, tuple[Callable, dict[str, Any]]] = {
@@ -94,8 +93,7 @@ def _attend(pattern: str, impl: str, causal: bool) -> Callable:
 def _density(pattern: str, t: int, causal: bool) -> float:
   """Fraction of the T x T tiles the kernel visits (dense: the causal tiles, or 1; linear: 0)."""
   if pattern == 'dense':
-    _, _, count = flash_attention.dense_layout(t, t, causal=causal, block=128)
-    return count.sum() * 128 ** 2 / t ** 2
+    return blocksparse.dense_layout(t, t, causal=causal, block=128).density(t, t)
   kw = _PATTERNS[pattern][1]
   if pattern == 'local':
     layouts = [local.band_layout(t, t, window=kw['window'], dilation=1, causal=causal, heads=1,

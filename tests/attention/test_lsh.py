@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from efflong.attention import Mask, dense, lsh
+from efflong.attention.mask import NEG_INF
 from tests.attention import arrays, close, vjp
 
 H = 8
@@ -40,7 +41,7 @@ def rounds(q, v, allowed_rounds, repeat):
     seen = jnp.isfinite(lse)
     probs = jnp.where(allowed, jnp.exp(masked - jnp.where(seen, lse, 0.0)[..., None]), 0.0)
     outs.append(jnp.einsum('BNTS,BSNH->BTNH', probs, v))
-    lses.append(jnp.where(seen, lse, dense.NEG_INF))
+    lses.append(jnp.where(seen, lse, NEG_INF))
   weights = jax.nn.softmax(jnp.stack(lses), axis=0)              # [R, B, N, T]
   return sum(w.transpose(0, 2, 1)[..., None] * o for w, o in zip(weights, outs))
 

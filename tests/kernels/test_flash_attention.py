@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from efflong import attention, kernels
-from efflong.attention import Mask, bigbird, dense, local, longformer, lsh, sparse
+from efflong.attention import Mask, bigbird, blocksparse, dense, local, longformer, lsh, sparse
 from efflong.attention.mask import NEG_INF
 from efflong.kernels import flash_attention
 from tests.attention import arrays, close, vjp
@@ -97,7 +97,7 @@ def test_dense_kernel_equals_reference_with_lse(causal, seg, kv_len):
   dlse, = arrays((B, T, N), seed=2)
   reference = lambda q, k, v: dense.attend_allowed(q, k, v, mask.materialize(T, kv_len)[:, None],
                                                    H ** -0.5)
-  kernel = lambda q, k, v: flash_attention.attend(q, k, v, mask=mask, scale=H ** -0.5, block=16)
+  kernel = functools.partial(_dense_kernel, mask=mask)
   got, got_grads = vjp(kernel, (q, k, v), (dout, dlse))
   want, want_grads = vjp(reference, (q, k, v), (dout, dlse))
   close(got[0], want[0], 'out')
@@ -124,17 +124,29 @@ def test_bfloat16_inputs_accumulate_in_float32(name):
     close(g, w, f'd{what}', rtol=3e-2)
 
 
+def _dense_kernel(q, k, v, *, mask):
+  """Full attention through the kernels in tiles of 16: (out, lse)."""
+  layout = blocksparse.dense_layout(q.shape[1], k.shape[1], causal=mask.causal, block=16)
+  return blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=H ** -0.5,
+                                   impl='pallas')
+
+
+def _compact(layout):
+  return flash_attention.compact(layout.kv_blocks, layout.kind != blocksparse.EMPTY,
+                                 layout.kind == blocksparse.PATTERN)
+
+
 def test_causal_layouts_list_only_the_tiles_up_to_the_diagonal():
   """A causal dense layout lists only the tiles up to the diagonal; the transposed layout of the
   dk/dv kernel lists, per key tile, exactly the query tiles visiting it."""
-  blocks, flags, count = flash_attention.dense_layout(40, 40, causal=True, block=16)
+  blocks, flags, count = _compact(blocksparse.dense_layout(40, 40, causal=True, block=16))
   assert count.tolist() == [[1, 2, 3]]
   spec = flash_attention.Spec(16, blocks, flags, count, None, True, 40, 40, 1.0, True)
   t_blocks, _, t_count = spec.transposed
   assert t_count.tolist() == [[3, 2, 1]]
   assert t_blocks[0, 0, :3].tolist() == [0, 1, 2]
   # T < S (a cache of 24 earlier keys): the first query tile reaches key tile (24 + 15) // 16.
-  assert flash_attention.dense_layout(16, 40, causal=True, block=16)[2].tolist() == [[3]]
+  assert _compact(blocksparse.dense_layout(16, 40, causal=True, block=16))[2].tolist() == [[3]]
 
 
 def test_rows_that_see_nothing_are_zero_beside_rows_that_see_keys():
@@ -146,7 +158,7 @@ def test_rows_that_see_nothing_are_zero_beside_rows_that_see_keys():
   dlse, = arrays((B, T, N), seed=2)
   reference = lambda q, k, v: dense.attend_allowed(q, k, v, mask.materialize(T, T)[:, None],
                                                    H ** -0.5)
-  kernel = lambda q, k, v: flash_attention.attend(q, k, v, mask=mask, scale=H ** -0.5, block=16)
+  kernel = functools.partial(_dense_kernel, mask=mask)
   (out, lse), grads = vjp(kernel, (q, k, v), (dout, dlse))
   (want, want_lse), want_grads = vjp(reference, (q, k, v), (dout, dlse))
   blind = np.asarray(q_ids == 3)
@@ -159,7 +171,7 @@ def test_rows_that_see_nothing_are_zero_beside_rows_that_see_keys():
 
 
 def _spec(c=16, nq=3):
-  blocks, flags, count = flash_attention.dense_layout(nq * c, nq * c, causal=False, block=c)
+  blocks, flags, count = _compact(blocksparse.dense_layout(nq * c, nq * c, causal=False, block=c))
   return flash_attention.Spec(c, blocks, flags, count, None, False, nq * c, nq * c, 1.0, True)
 
 
