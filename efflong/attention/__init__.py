@@ -20,7 +20,7 @@ import jax
 from efflong import kernels
 from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, lsh,
                                performer, relative, sparse)
-from efflong.attention.mask import Mask
+from efflong.mask import Mask
 
 AttendFn = Callable[..., Any]
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from efflong.attention import blocksparse, local, longformer
 from efflong.attention.blocksparse import FULL, Layout
-from efflong.attention.mask import Mask
+from efflong.mask import Mask
 
 
 def random_layout(t: int, *, heads: int, block: int, window: int, random_blocks: int,

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflong import kernels
-from efflong.attention.mask import Mask, Pattern, softmax
 from efflong.kernels import flash_attention
+from efflong.mask import Mask, Pattern, softmax
 
 EMPTY, PATTERN, FULL = 0, 1, 2
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from efflong import kernels
 from efflong.attention import blocksparse
-from efflong.attention.mask import Mask, softmax
+from efflong.mask import Mask, softmax
 
 
 def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> None:

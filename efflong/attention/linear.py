@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from efflong import kernels
 from efflong.attention import dense
-from efflong.attention.mask import Mask
 from efflong.kernels import linear_attention
+from efflong.mask import Mask
 
 EPS = 1e-6  # The Linear Transformer's denominator epsilon: relu features may see no key mass.
 

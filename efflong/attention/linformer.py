@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efflong import errors
 from efflong.attention import dense
-from efflong.attention.mask import Mask
+from efflong.mask import Mask
 
 SHARES = ('none', 'headwise', 'kv', 'layerwise')
 CAUSAL_WHY = ('its projections E K and F V mix every position into each projected key, future ones '
@@ -35,14 +36,22 @@ CAUSAL_WHY = ('its projections E K and F V mix every position into each projecte
 
 
 def check_segments(segment_ids: jax.Array, segments: int) -> None:
-  """Host-side check of concrete segment ids: all in 0..segments (a traced batch is not checked)."""
-  if isinstance(segment_ids, jax.core.Tracer):
-    return
-  ids = np.asarray(segment_ids)
-  low, high = int(ids.min(initial=0)), int(ids.max(initial=0))
-  if high > segments or low < 0:
-    raise ValueError(f'segment id {low if low < 0 else high} is outside 0..segments={segments}; set '
-                     f'model.attention_kw.segments to the most sequences packed in a row.')
+  """Raises errors.Error for a segment id outside 0..segments, also under jit (`errors.check`).
+
+  An id above `segments` would be projected nowhere and its queries would silently get zeros.
+
+  Args:
+    segment_ids: [B, S] int, concrete or traced.
+    segments: G, model.attention_kw.segments.
+  """
+  def message(low: np.ndarray, high: np.ndarray) -> str | None:
+    low, high = int(low.min()), int(high.max())
+    if low >= 0 and high <= segments:
+      return None
+    return (f'segment id {low if low < 0 else high} is outside 0..segments={segments}; set '
+            'model.attention_kw.segments to the most sequences packed in a row.')
+
+  errors.check(message, jnp.min(segment_ids, initial=0), jnp.max(segment_ids, initial=0))
 
 
 def _project(x: jax.Array, proj: jax.Array, member: jax.Array | None) -> jax.Array:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflong.attention import blocksparse, dense
-from efflong.attention.mask import Mask
+from efflong.mask import Mask
 
 Dilation = int | Sequence[int]
 

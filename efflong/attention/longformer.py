@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efflong.attention import blocksparse, dense, local
-from efflong.attention.mask import Mask
+from efflong.mask import Mask
 from efflong.nn.layers import Dtype, head_projection
 
 

@@ -1,38 +1,55 @@
-"""Reformer LSH attention (Kitaev, Kaiser, Levskaya 2020, section 2).
+"""Reformer LSH attention (Kitaev, Kaiser, Levskaya 2020, section 2 and appendix).
 
 Per hash round r and head n: the keys (shared QK: the unit-normalised queries) are hashed by a random
 rotation, h(x) = argmax([x R; -x R]) with R [H, n_buckets / 2] (section 2, "Locality sensitive
-hashing", after Andoni et al. 2015); positions are sorted by (bucket, position), the sorted sequence is
-split into chunks of `bucket_size`, and each chunk's queries attend to the keys of their own chunk and
-of the previous one (wrapping around). Outputs are unsorted and the rounds combined by the softmax of
-their log-sum-exps (section 2, "Multi-round LSH attention"): out = sum_r exp(lse_r - lse) out_r.
+hashing", after Andoni et al. 2015), and positions are sorted by (bucket, position). Each round is
+sorted on its own (the paper concatenates the rounds' sorts into one sequence; apart from where a
+chunk boundary falls, which only the chunked form sees, the two agree: a query attends only within
+its own round).
+
+Which keys a query sees in a round (its window), with the paper's defaults:
+- `attend_across_buckets=False` (Eq. 3, P_i = {j : h(q_i) = h(k_j)}): only keys of its own bucket.
+- The bidirectional, chunked form: the sorted sequence is cut into chunks of C = `bucket_size`;
+  a chunk's queries see the keys of their chunk and of the previous one (cyclically), less the keys
+  of other buckets. `attend_across_buckets=True` keeps those too (efflong before 2026-12).
+- The causal, band form (`causal_band=True`, the default under a causal mask): a query sees the
+  keys of its own bucket among the C sorted positions before it. Within a bucket the sort keeps
+  the original order, so these are its C most recent same-bucket keys, which no future token can
+  change: the output at t depends on tokens <= t only. The chunked form is not causal in that
+  sense: a future token's bucket moves the chunk boundaries and so which past keys share a query's
+  chunk. Measured by `./launch.sh bench lsh_causality` (experiments/results/lsh_causality_cpu.md):
+  LEAK_NUMBERS. Both forms cost O(T * C * R): the band is a chunk and its predecessor, band-masked.
+
+Across rounds (appendix, "multi-round LSH attention"): each round's attention gives out_r and its
+log-sum-exp lse_r; out = sum_r exp(lse_r - lse) out_r with lse = logsumexp_r lse_r. With
+`allow_duplicates=False` (the paper's) a key that falls in a query's window in N_ij of the rounds
+gets -log N_ij added to its logit in each, so the combination is the softmax over the union of the
+windows, every key counted once; True counts it once per round.
 
 Masks, as values carried along the sort: causal through the original positions, segment ids for
 padding and packing, and a token never attends to itself unless nothing else is available (its logit
 is SELF, a large negative, section 2 "Causal masking for shared-QK attention"). T is padded inside to
-a multiple of bucket_size. Memory is O(n_hashes * T * bucket_size).
-
-Causal caveat (a property of the method, not of this code): no query gives weight to a future key,
-but the sort is over the whole sequence, so a future token's bucket can shift the chunk boundaries
-and change which past keys share a query's chunk. Outputs at t can therefore move when a token after
-t changes, unless one chunk holds the whole sequence (bucket_size >= T).
+a multiple of bucket_size. Memory is O(n_hashes * T * bucket_size) (times n_hashes more for the
+duplicate count, which compares every round's bucket and sorted index of both tokens).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from efflong import kernels
-from efflong.attention.mask import Mask, softmax
 from efflong.kernels import flash_attention
+from efflong.mask import Mask, softmax
 
 SELF = -1e5  # A token's logit for itself: below any real logit, above a masked one.
+FLAGS = ('attend_across_buckets', 'allow_duplicates', 'causal_band')
 
 
 def factors(n_buckets: int, head_dim: int) -> tuple[int, ...]:
@@ -109,8 +126,8 @@ def default_buckets(length: int, bucket_size: int, head_dim: int) -> int:
   return b1 * 2 * math.ceil(n / b1 / 2)
 
 
-def check(n_hashes: int, bucket_size: int, n_buckets: int | None) -> None:
-  """Raises ValueError on a bad hyper-parameter."""
+def check(n_hashes: int, bucket_size: int, n_buckets: int | None, **flags: bool) -> None:
+  """Raises ValueError on a bad hyper-parameter (flags: the boolean ones, by name)."""
   if not isinstance(n_hashes, int) or n_hashes < 1:
     raise ValueError(f'n_hashes={n_hashes!r} must be an int >= 1.')
   if not isinstance(bucket_size, int) or bucket_size < 1:
@@ -118,68 +135,129 @@ def check(n_hashes: int, bucket_size: int, n_buckets: int | None) -> None:
   if n_buckets is not None and (not isinstance(n_buckets, int) or n_buckets < 2 or n_buckets % 2):
     raise ValueError(f'n_buckets={n_buckets!r} must be an even int >= 2 (or None: 2 T / '
                      'bucket_size).')
+  for name, value in flags.items():
+    if not isinstance(value, bool):
+      raise ValueError(f'{name}={value!r} must be True or False.')
 
 
-def _sorted_xla(sq: jax.Array, sk: jax.Array, sv: jax.Array, spos: jax.Array, svalid: jax.Array,
-                sseg: jax.Array | None, *, mask: Mask, chunk: int) -> tuple[jax.Array, jax.Array]:
-  """Attention within the sorted sequence: each chunk over itself and the previous chunk.
+class Sorted(NamedTuple):
+  """The hash rounds' sorted orders; every array is [B, N, R, Tp, ...], slot-major.
+
+  Attributes:
+    q, k, v: [B, N, R, Tp, H] queries, unit keys and values in sorted order.
+    pos: [B, N, R, Tp] original positions.
+    valid: [B, N, R, Tp] bool, not padding.
+    seg: [B, N, R, Tp] segment ids, or None.
+    bucket: [B, N, R, Tp] the slot's bucket in its round.
+    rounds: None, or (buckets, index) [B, N, R, Tp, R]: the slot's token's bucket and sorted index
+      in every round (for the duplicate count).
+  """
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  valid: jax.Array
+  seg: jax.Array | None
+  bucket: jax.Array
+  rounds: tuple[jax.Array, jax.Array] | None
+
+
+def in_window(qb: jax.Array, qi: jax.Array, kb: jax.Array, ki: jax.Array, *, chunk: int,
+              chunks: int, band: bool, across: bool) -> jax.Array:
+  """Whether a key is in a query's window in one hash round (broadcasting).
 
   Args:
-    sq, sk, sv: [B, N, R, Tp, H] queries, unit keys and values in sorted order.
-    spos: [B, N, R, Tp] original positions; svalid: [B, N, R, Tp] bool, not padding.
-    sseg: [B, N, R, Tp] segment ids, or None.
-    mask: its causal flag applies on the original positions.
-    chunk: C, dividing Tp.
+    qb, kb: the query's and the key's bucket in the round.
+    qi, ki: their indices in the round's sorted order.
+    chunk: C.
+    chunks: Tp / C.
+    band: the strictly causal form: the key is the query or among the C sorted positions before
+      it, in the same bucket. Otherwise the chunked form: the key's chunk (ki // C) is the query's
+      or the one before it (cyclically) and, unless across, the buckets are equal.
+    across: attend across buckets (chunked form only).
+  """
+  if band:
+    return (qb == kb) & (ki <= qi) & (qi - ki <= chunk)
+  qc, kc = qi // chunk, ki // chunk
+  near = (kc == qc) | (kc == (qc - 1) % chunks)
+  return near if across else near & (qb == kb)
+
+
+def _sorted_xla(s: Sorted, *, mask: Mask, chunk: int, band: bool, across: bool
+                ) -> tuple[jax.Array, jax.Array]:
+  """Attention within each round's sorted sequence: a chunk's queries against the keys of their
+  chunk and the one before, restricted to each query's window (`in_window`), with -log N_ij when
+  s.rounds is given.
+
   Returns:
     out [B, N, R, Tp, H] and lse [B, N, R, Tp], float32, in sorted order.
   """
-  b, n, r, padded, h = sq.shape
+  b, n, r, padded, h = s.q.shape
   chunks = padded // chunk
-  split = lambda x: x.reshape(b, n, r, chunks, chunk, *x.shape[4:])
-  sq, sk, sv, qpos, kpos, kvalid = map(split, (sq, sk, sv, spos, spos, svalid))
-  qseg = kseg = None if sseg is None else split(sseg)
-  if chunks > 1:
-    sk, sv, kpos, kvalid = map(_look_back, (sk, sv, kpos, kvalid))
-    kseg = None if kseg is None else _look_back(kseg)
-  logits = jnp.einsum('BNRLCH,BNRLSH->BNRLCS', sq, sk,
+  split = lambda x: x.reshape(b, n, r, chunks, chunk, *x.shape[4:])     # [B, N, R, L, C, ...]
+  back = (lambda x: _look_back(split(x))) if chunks > 1 else split        # [B, N, R, L, 2C, ...]
+  rows, cols = lambda x: split(x)[..., :, None], lambda x: back(x)[..., None, :]
+  window = lambda qb, qi: in_window(rows(qb), rows(qi), cols(qb), cols(qi), chunk=chunk,
+                                    chunks=chunks, band=band, across=across)
+  index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), s.pos.shape)
+  qp, kp = rows(s.pos), cols(s.pos)
+  allowed = mask.allowed(qp, kp, None if s.seg is None else rows(s.seg),
+                         None if s.seg is None else cols(s.seg), padded, padded)
+  allowed = allowed & cols(s.valid) & window(s.bucket, index)
+  logits = jnp.einsum('BNRLCH,BNRLSH->BNRLCS', split(s.q), back(s.k),
                       preferred_element_type=jnp.float32) * h ** -0.5
-  qp, kp = qpos[..., :, None], kpos[..., None, :]
-  allowed = mask.allowed(qp, kp, None if qseg is None else qseg[..., :, None],
-                         None if kseg is None else kseg[..., None, :], padded, padded)
-  allowed = allowed & kvalid[..., None, :]
+  if s.rounds is not None:
+    # Appendix ("multi-round LSH attention"): a key found in N_ij of the rounds gets -log N_ij in
+    # each, so that the rounds' union counts it once. N_ij >= 1 wherever the pair is allowed here.
+    buckets, where = s.rounds
+    count = sum(window(buckets[..., u], where[..., u]).astype(jnp.float32) for u in range(r))
+    logits = logits - jnp.log(jnp.maximum(count, 1.0))
   logits = jnp.where(qp == kp, SELF, logits)
   probs, total, lse = softmax(logits, allowed)
-  out = jnp.einsum('BNRLCS,BNRLSH->BNRLCH', probs.astype(sv.dtype), sv,
+  out = jnp.einsum('BNRLCS,BNRLSH->BNRLCH', probs.astype(s.v.dtype), back(s.v),
                    preferred_element_type=jnp.float32) / total[..., None]
   return out.reshape(b, n, r, padded, h), lse.reshape(b, n, r, padded)
 
 
-def _sorted_kernel(sq: jax.Array, sk: jax.Array, sv: jax.Array, spos: jax.Array,
-                   svalid: jax.Array, sseg: jax.Array | None, *, mask: Mask,
-                   chunk: int) -> tuple[jax.Array, jax.Array]:
-  """`_sorted_xla` through the block-sparse kernel: each (head, round) is a lane whose tiles are the
-  chunks; tile i visits tiles i and i - 1 (wrapping), with the lane's positions and ids."""
-  b, n, r, padded, h = sq.shape
+def _sorted_kernel(s: Sorted, *, mask: Mask, chunk: int, band: bool, across: bool,
+                   n_buckets: int) -> tuple[jax.Array, jax.Array]:
+  """`_sorted_xla` (without duplicate counts) through the block-sparse kernel: each (head, round)
+  is a lane whose tiles are the chunks; tile i visits tiles i and i - 1.
+
+  The same-bucket rule travels in the segment ids (segment * n_buckets + bucket). The band form
+  gives the kernel sorted indices as positions: within a bucket the sort keeps the original order,
+  so the causal rule on them is the causal rule, and the band is the in-tile pattern.
+  """
+  b, n, r, padded, h = s.q.shape
   chunks = padded // chunk
-  visits = [[i, (i - 1) % chunks] if chunks > 1 else [i] for i in range(chunks)]
+  visits = [[i, (i - 1) % chunks] if chunks > 1 and (i or not band) else [i, i]
+            for i in range(chunks)]
+  count = np.asarray([[2 if chunks > 1 and (i or not band) else 1 for i in range(chunks)]],
+                     np.int32)
   blocks = np.asarray(visits, np.int32)[None]
-  spec = flash_attention.Spec(chunk, blocks, np.zeros_like(blocks),
-                              np.full(blocks.shape[:2], blocks.shape[2], np.int32), None,
-                              mask.causal, padded, padded, h ** -0.5, kernels.interpret(),
-                              self_logit=SELF)
+  flags = np.full_like(blocks, int(band))
+  pattern = (lambda qp, kp, head: qp - kp <= chunk) if band else None
+  spec = flash_attention.Spec(chunk, blocks, flags, count, pattern, mask.causal, padded, padded,
+                              h ** -0.5, kernels.interpret(), self_logit=SELF)
   lanes = lambda x: x.reshape(b, n * r, padded, *x.shape[4:])       # [B, N * R, Tp, ...]
   seq = lambda x: jnp.moveaxis(lanes(x), 1, 2)                      # [B, Tp, N * R, H]
-  segs = {} if sseg is None else dict(q_seg=lanes(sseg), k_seg=lanes(sseg))
+  ids = s.seg
+  if not across:
+    ids = s.bucket if ids is None else ids * n_buckets + s.bucket
+  pos = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), s.pos.shape) if band else s.pos
+  segs = {} if ids is None else dict(q_seg=lanes(ids), k_seg=lanes(ids))
   out, lse = flash_attention.attend_slots(
-      seq(sq), seq(sk), seq(sv), spec=spec, q_pos=lanes(spos),
-      k_pos=lanes(jnp.where(svalid, spos, -1)), **segs)
+      seq(s.q), seq(s.k), seq(s.v), spec=spec, q_pos=lanes(pos),
+      k_pos=lanes(jnp.where(s.valid, pos, -1)), **segs)
   return (jnp.moveaxis(out, 2, 1).reshape(b, n, r, padded, h),
           jnp.moveaxis(lse, 2, 1).reshape(b, n, r, padded))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Array,
            n_hashes: int = 1, bucket_size: int = 64, n_buckets: int | None = None,
-           impl: str = 'xla') -> jax.Array:
+           attend_across_buckets: bool = False, allow_duplicates: bool = False,
+           causal_band: bool = True, impl: str = 'xla') -> jax.Array:
   """LSH attention with shared QK.
 
   Args:
@@ -189,16 +267,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
     mask: causal flag and segment ids (self-attention: T = S).
     rng: the key the rotations are drawn from (a fresh one per training step).
     n_hashes: R, hash rounds.
-    bucket_size: C, the chunk length.
+    bucket_size: C, the chunk length (and the band's width).
     n_buckets: buckets per round (even); default 2 T / bucket_size (see `default_buckets`);
       factorised above 2 H (see `factors`).
+    attend_across_buckets: False (the paper, Eq. 3's P_i): a query sees only keys of its own
+      bucket; True: every key of its chunk and the one before (the chunked form only).
+    allow_duplicates: False (the paper's appendix): a key found in several rounds counts once
+      (-log N_ij); True: once per round.
+    causal_band: with a causal mask, True (the default) is the strictly causal band form (see the
+      module docstring); False is the chunked form, whose outputs can depend on future tokens.
+      No effect without a causal mask.
     impl: 'xla' (the chunks gathered with their look-back, here) or 'pallas': the sorted sequence
       as a block layout (chunk i visits chunks i and i - 1) through efflong.kernels.flash_attention,
-      positions and segment ids carried per lane.
+      positions and segment ids carried per lane. The duplicate count (n_hashes > 1 with
+      allow_duplicates=False) has no Pallas path: 'pallas' refuses it, 'auto' uses XLA.
   Returns:
     [B, T, N, H]; a token that sees no key gets zeros.
   """
-  check(n_hashes, bucket_size, n_buckets)
+  check(n_hashes, bucket_size, n_buckets, attend_across_buckets=attend_across_buckets,
+        allow_duplicates=allow_duplicates, causal_band=causal_band)
   b, t, n, h = q.shape
   if k.shape != q.shape or v.shape[:2] != (b, t) or v.shape[3] != h or n % v.shape[2]:
     raise ValueError(f'lsh attention is shared-QK self-attention: q and k [B, T, N, H], v '
@@ -207,9 +294,23 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
   if mask.global_tokens is not None:
     raise ValueError("lsh attention has no global tokens, but the mask (the batch field "
                      "'global_tokens') sets some; use longformer or bigbird.")
+  band = mask.causal and causal_band
+  if band and attend_across_buckets:
+    raise ValueError('lsh causal_band=True needs attend_across_buckets=False: keys of other '
+                     'buckets among the previous sorted positions depend on future tokens; set '
+                     'causal_band=False for the chunked form.')
+  dedup = n_hashes > 1 and not allow_duplicates
+  if dedup and impl == 'pallas':
+    raise ValueError("lsh with n_hashes > 1 and allow_duplicates=False (the -log N_ij count) has "
+                     "no Pallas path; use attention_impl='xla' or 'auto', or allow_duplicates=True.")
   n_buckets = default_buckets(t, bucket_size, h) if n_buckets is None else n_buckets
   v = jnp.repeat(v, n // v.shape[2], axis=2)
   chunk = min(bucket_size, t)
+  if dedup:
+    if kernels.resolve(impl) == 'pallas':
+      logging.log_first_n(logging.WARNING, 'lsh: the duplicate count (allow_duplicates=False) '
+                          'runs in XLA, not the Pallas kernel.', 1)
+    impl = 'xla'
   impl = kernels.resolve(impl, tile=chunk)
   padded = -(-t // chunk) * chunk
   valid = jnp.broadcast_to(jnp.arange(padded) < t, (b, padded))
@@ -228,13 +329,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
   heads = lambda x: jnp.broadcast_to(jnp.moveaxis(x, 2, 1)[:, :, None],
                                      (b, n, n_hashes, padded, h))  # [B, T, N, H] -> [B, N, R, T, H]
   rows = lambda x: jnp.broadcast_to(x[:, None, None], (b, n, n_hashes, padded))
-  sq, sk, sv = (permute(heads(x), perm, inverse) for x in (q, k, v))
   spos = jnp.take_along_axis(rows(pos[None]), perm, axis=-1)
-  svalid = jnp.take_along_axis(rows(valid), perm, axis=-1)
-  sseg = None if seg is None else jnp.take_along_axis(rows(seg), perm, axis=-1)
+  # Every round's value at each slot's token: [B, N, R', T] -> [B, N, R, T, R'].
+  everywhere = lambda x: jnp.moveaxis(
+      jnp.take_along_axis(x[:, :, None], spos[:, :, :, None], axis=-1), 3, -1)
+  s = Sorted(
+      *(permute(heads(x), perm, inverse) for x in (q, k, v)), spos,
+      jnp.take_along_axis(rows(valid), perm, axis=-1),
+      None if seg is None else jnp.take_along_axis(rows(seg), perm, axis=-1),
+      jnp.take_along_axis(bucket, perm, axis=-1),
+      (everywhere(bucket), everywhere(inverse)) if dedup else None)
 
-  sorted_attend = _sorted_kernel if impl == 'pallas' else _sorted_xla
-  out, lse = sorted_attend(sq, sk, sv, spos, svalid, sseg, mask=mask, chunk=chunk)
+  if impl == 'pallas':
+    out, lse = _sorted_kernel(s, mask=mask, chunk=chunk, band=band, across=attend_across_buckets,
+                              n_buckets=n_buckets)
+  else:
+    out, lse = _sorted_xla(s, mask=mask, chunk=chunk, band=band, across=attend_across_buckets)
   out = permute(out, inverse, perm)
   lse = permute(lse, inverse, perm)
   if n_hashes > 1:   # Section 2: the rounds weighted by exp(lse_r - logsumexp_r lse_r).
@@ -262,7 +372,8 @@ class HashRng(nnx.Module):
 def hash_rng(hyper: dict[str, Any], *, rngs: nnx.Rngs, **layer: Any) -> HashRng:
   """The family module (checks the hyper-parameters when the model is built)."""
   del layer
-  check(hyper.get('n_hashes', 1), hyper.get('bucket_size', 64), hyper.get('n_buckets'))
+  check(hyper.get('n_hashes', 1), hyper.get('bucket_size', 64), hyper.get('n_buckets'),
+        **{name: hyper[name] for name in FLAGS if name in hyper})
   return HashRng(rngs=rngs)
 
 

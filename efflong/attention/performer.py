@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efflong.attention import dense, linear
-from efflong.attention.mask import Mask
+from efflong.mask import Mask
 
 KERNELS = ('softmax', 'relu')
 

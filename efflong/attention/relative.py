@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efflong.attention.dense import attend_allowed, check_shapes
-from efflong.attention.mask import Mask
+from efflong.mask import Mask
 from efflong.nn.positions import sinusoidal
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from efflong.attention import blocksparse, local
 from efflong.attention.blocksparse import PATTERN, Layout
-from efflong.attention.mask import Mask
+from efflong.mask import Mask
 
 
 def strided_layouts(t: int, *, stride: int, causal: bool, block: int,

@@ -40,7 +40,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from efflong import kernels
-from efflong.attention.mask import NEG_INF, Mask, Pattern
+from efflong.mask import NEG_INF, Mask, Pattern
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from efflong.attention import Mask, dense, lsh
-from efflong.attention.mask import NEG_INF
+from efflong.mask import NEG_INF
 from tests.attention import arrays, close, vjp
 
 H = 8

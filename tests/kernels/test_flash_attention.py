@@ -16,24 +16,12 @@ import pytest
 
 from efflong import attention, kernels
 from efflong.attention import Mask, bigbird, blocksparse, dense, local, longformer, lsh, sparse
-from efflong.attention.mask import NEG_INF
 from efflong.kernels import flash_attention
+from efflong.mask import NEG_INF
 from tests.attention import arrays, close, vjp
+from tests.helpers import segments
 
 B, T, N, K, H = 2, 40, 4, 2, 8
-
-
-def _segments(kind):
-  """None; 'pad': row 1 ends in padding (id 0); 'packed': ids 1 then 2, row 0 ends in padding."""
-  if kind is None:
-    return None
-  seg = np.ones((B, T), np.int32)
-  if kind == 'pad':
-    seg[1, T - 13:] = 0
-  else:
-    seg[:, T // 2:] = 2
-    seg[0, T - 3:] = 0
-  return jnp.asarray(seg)
 
 
 def _inputs(dtype=jnp.float32, kv_heads=K, seed=0):
@@ -65,10 +53,10 @@ CASES = {
 
 
 def _mask(causal, seg):
-  """seg as in _segments, '+flags': also per-example global tokens (two per row)."""
+  """seg a kind of tests.helpers.segments, '+flags': also per-example global tokens (two per row)."""
   kind, _, flags = (seg or '').partition('+')
   tokens = jnp.zeros((B, T), bool).at[0, [3, 30]].set(True).at[1, [0, 17]].set(True)
-  return Mask.from_segments(_segments(kind or None), causal=causal,
+  return Mask.from_segments(segments(kind or None, B, T), causal=causal,
                             global_tokens=tokens if flags else None)
 
 
@@ -92,7 +80,7 @@ def test_dense_kernel_equals_reference_with_lse(causal, seg, kv_len):
   """Full attention, its lse and both cotangents; causal with T < S aligns queries at the end."""
   (q, _, _), dout = _inputs()
   _, k, v = arrays((1,), (B, kv_len, K, H), (B, kv_len, K, H), seed=1)
-  ids = _segments(seg)
+  ids = segments(seg, B, T)
   mask = Mask(causal=causal, q_segment_ids=ids, kv_segment_ids=ids)
   dlse, = arrays((B, T, N), seed=2)
   reference = lambda q, k, v: dense.attend_allowed(q, k, v, mask.materialize(T, kv_len)[:, None],
@@ -113,7 +101,7 @@ def test_bfloat16_inputs_accumulate_in_float32(name):
             'lsh': CASES['lsh'][:2]}[name]
   (q, k, v), dout = _inputs(jnp.bfloat16, kv_heads=N if name == 'lsh' else K)
   k = q if name == 'lsh' else k
-  mask = Mask.from_segments(_segments('packed'), causal=True)
+  mask = Mask.from_segments(segments('packed', B, T), causal=True)
   f32 = lambda *x: [y.astype(jnp.float32) for y in x]
   got, got_grads = vjp(functools.partial(fn, mask=mask, impl='pallas', **kw), (q, k, v), dout)
   want, want_grads = vjp(functools.partial(fn, mask=mask, **kw), tuple(f32(q, k, v)),
@@ -154,7 +142,7 @@ def test_rows_that_see_nothing_are_zero_beside_rows_that_see_keys():
   the other rows, in the same tiles, match the reference (lse compared on them only)."""
   (q, k, v), dout = _inputs()
   q_ids = jnp.ones((B, T), jnp.int32).at[:, 5:12].set(3).at[1, 30:].set(3)
-  mask = Mask(causal=False, q_segment_ids=q_ids, kv_segment_ids=_segments('packed'))
+  mask = Mask(causal=False, q_segment_ids=q_ids, kv_segment_ids=segments('packed', B, T))
   dlse, = arrays((B, T, N), seed=2)
   reference = lambda q, k, v: dense.attend_allowed(q, k, v, mask.materialize(T, T)[:, None],
                                                    H ** -0.5)

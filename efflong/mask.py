@@ -8,6 +8,9 @@ When T != S and the mask is causal, queries are aligned to the end of the keys: 
 key position S - T + t (the layout of decoding with a cache or a memory of S - T earlier keys).
 
 `softmax` is what a mask does to logits, shared by every family's softmax and its kernels' twins.
+
+A leaf: it imports nothing of efflong, so that efflong.kernels and efflong.attention both build
+on it without importing each other.
 """
 
 from __future__ import annotations
