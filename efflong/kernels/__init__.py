@@ -13,11 +13,13 @@ Mosaic would want as scalar prefetch and a key-tile grid axis.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import NamedSharding, PartitionSpec
@@ -34,17 +36,30 @@ def check(impl: str) -> None:
 def resolve(impl: str, tile: int | None = None) -> str:
   """'xla' or 'pallas': 'auto' is Pallas on the GPU (the kernels are written for its Triton
   lowering), where the kernel's tile (if it is given by the caller) is a power of two >= 16, and
-  XLA on every other backend or tile."""
+  XLA on every other backend or tile. On the GPU, 'auto' falling back to XLA for a tile is logged
+  (a warning, once per tile)."""
   check(impl)
   backend = jax.default_backend()
   if impl == 'auto':
-    fits = tile is None or tile == pow2(tile, 16)
-    return 'pallas' if backend == 'gpu' and fits else 'xla'
+    if backend != 'gpu':
+      return 'xla'
+    if tile is not None and tile != pow2(tile, 16):
+      _warn_once(f"attention_impl='auto' runs XLA, not the Pallas kernels, for tile {tile}: "
+                 "Triton needs a power of two >= 16; set the family's block (LSH: bucket_size) "
+                 'to one to use the kernels.')
+      return 'xla'
+    return 'pallas'
   if impl == 'pallas' and backend == 'tpu':
     raise ValueError("attention_impl='pallas' is not available on TPU: the kernels are written "
                      "for the GPU's Triton lowering (and interpreted on the CPU); use 'xla' or "
                      "'auto'.")
   return impl
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  """Logs a warning the first time a message is given (functools.cache remembers the others)."""
+  logging.warning(message)
 
 
 def triton(num_warps: int = 4) -> pltriton.CompilerParams:
