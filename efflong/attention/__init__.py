@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import typing
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -161,10 +162,14 @@ def names(**supports: bool) -> list[str]:
 
 
 def before_step(model: Any, key: Any, step: Any) -> None:
-  """Runs every registered family's `before_step` hook on model (in place)."""
-  for i, family in enumerate(_REGISTRY.values()):
+  """Runs every registered family's `before_step` hook on model (in place).
+
+  Each family's key is `key` folded with a stable hash of its name (CRC-32; Python's hash() of a
+  str is salted per process), so registering another family changes no family's draws.
+  """
+  for family in _REGISTRY.values():
     if family.before_step is not None:
-      family.before_step(model, jax.random.fold_in(key, i), step)
+      family.before_step(model, jax.random.fold_in(key, zlib.crc32(family.name.encode())), step)
 
 
 register(Family('dense', dense.attend))

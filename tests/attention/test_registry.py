@@ -1,5 +1,6 @@
 """The attention registry: lookup errors, hyper-parameter binding, config defaults."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,3 +106,23 @@ def test_module_hyper_parameters_join_the_config_and_reach_only_the_module():
                               num_heads=2, num_kv_heads=2, head_dim=4, dtype=jnp.float32,
                               rngs=nnx.Rngs(0))
   assert module.projection[...].shape == (8, 4) and module.redraw_every == 5
+
+
+def test_a_new_family_leaves_the_other_families_per_step_draws_unchanged(monkeypatch):
+  """A family's per-step key depends on its name, not on its place in the registry: LSH's hash
+  keys are the same with a throwaway family registered ahead of every other."""
+  model = nnx.List([attention.get('lsh').make_module({}, rngs=nnx.Rngs(0))])
+
+  def hash_key_after_a_step() -> np.ndarray:
+    attention.before_step(model, jax.random.key(5), jnp.int32(1))
+    return np.asarray(model[0].key[...])
+
+  alone = hash_key_after_a_step()
+  seen = []
+  registry = dict(attention._REGISTRY)  # pylint: disable=protected-access
+  monkeypatch.setattr(attention, '_REGISTRY', {})  # restored (without the throwaway) at the end
+  attention.register(Family('throwaway', dense.attend,
+                             before_step=lambda model, key, step: seen.append(key)))
+  attention._REGISTRY.update(registry)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(hash_key_after_a_step(), alone)
+  assert len(seen) == 1
