@@ -12,20 +12,9 @@ import pytest
 
 from efflong.attention import Mask, linear, performer
 from tests.attention import arrays, close, vjp
+from tests.helpers import segments
 
 H = 4
-
-
-def _segments(kind, b, t):
-  if kind is None:
-    return None
-  seg = np.ones((b, t), np.int32)
-  if kind == 'pad':
-    seg[1::2, t - t // 3:] = 0
-  else:  # packed: ids 1, 2, then padding in row 0.
-    seg[:, t // 2:] = 2
-    seg[0, t - 3:] = 0
-  return jnp.asarray(seg)
 
 
 def elu1(x):
@@ -65,7 +54,7 @@ CASES = {
 def test_equals_the_direct_formula(family, name):
   b, t, n, kh, causal, segs, chunk = CASES[name]
   q, k, v, dout = arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H))
-  mask = Mask.from_segments(_segments(segs, b, t), causal=causal)
+  mask = Mask.from_segments(segments(segs, b, t), causal=causal)
   allowed = mask.materialize(t, t)
   if family == 'linear':
     fn = lambda q, k, v: linear.attend(q, k, v, mask=mask, chunk=chunk)

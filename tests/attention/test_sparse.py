@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from efflong.attention import Mask, bigbird, dense, local, longformer, sparse
+from tests.helpers import segments
 
 H = 4  # Head dim throughout.
 
@@ -34,26 +35,9 @@ def _qkv(b, t, n, kh, seed=0):
   return _arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), (b, t, n, H), seed=seed)
 
 
-def _segments(kind, b, t):
-  """None; 'pad': row 0 unpadded, row 1 with trailing zeros; 'packed': ids 1 then 2 (row 0 then
-  padded)."""
-  if kind is None:
-    return None
-  seg = np.ones((b, t), np.int32)
-  if kind == 'pad':
-    seg[1::2, t - t // 3:] = 0
-  elif kind == 'packed':
-    seg[:, t // 2:] = 2
-    seg[0, t - 3:] = 0
-  else:
-    raise ValueError(kind)
-  return seg
-
-
 def _mask(causal, seg, global_tokens=None):
-  ids = None if seg is None else jnp.asarray(seg)
   flags = None if global_tokens is None else jnp.asarray(global_tokens)
-  return Mask(causal=causal, q_segment_ids=ids, kv_segment_ids=ids, global_tokens=flags)
+  return Mask(causal=causal, q_segment_ids=seg, kv_segment_ids=seg, global_tokens=flags)
 
 
 # Explicit masks, in numpy, from the definitions.
@@ -72,6 +56,7 @@ def plain_mask(causal, seg, b, t):
   if causal:
     ok &= (j <= i)
   if seg is not None:
+    seg = np.asarray(seg)
     ok &= (seg[:, None, :, None] == seg[:, None, None, :])
   return ok
 
@@ -193,7 +178,7 @@ LOCAL = {
 def test_local_matches_dense_under_its_mask(name):
   b, t, n, kh, causal, segs, window, dilation, block = LOCAL[name]
   q, k, v, dout = _qkv(b, t, n, kh)
-  seg = _segments(segs, b, t)
+  seg = segments(segs, b, t)
   mask = _mask(causal, seg)
   fn = lambda q, k, v: local.attend(q, k, v, mask=mask, window=window, dilation=dilation,
                                     block=block)
@@ -204,7 +189,7 @@ def test_local_matches_dense_under_its_mask(name):
 def test_local_with_window_at_least_T_minus_1_is_dense(causal, window):
   b, t, n, kh = 2, 10, 4, 2
   q, k, v, _ = _qkv(b, t, n, kh, seed=1)
-  mask = _mask(causal, _segments('packed', b, t))
+  mask = _mask(causal, segments('packed', b, t))
   want = jax.jit(functools.partial(dense.attend, mask=mask))(q, k, v)
   got = jax.jit(functools.partial(local.attend, mask=mask, window=window, block=4))(q, k, v)
   _close(got, want, f'window={window}')
@@ -238,7 +223,7 @@ STRIDED = {
 def test_strided_matches_dense_under_its_mask(name):
   b, t, n, kh, causal, segs, stride, factorized, block = STRIDED[name]
   q, k, v, dout = _qkv(b, t, n, kh)
-  seg = _segments(segs, b, t)
+  seg = segments(segs, b, t)
   mask = _mask(causal, seg)
   fn = lambda q, k, v: sparse.strided(q, k, v, mask=mask, stride=stride, factorized=factorized,
                                       block=block)
@@ -257,7 +242,7 @@ FIXED = {
 def test_fixed_matches_dense_under_its_mask(name):
   b, t, n, kh, causal, segs, block, summary, factorized = FIXED[name]
   q, k, v, dout = _qkv(b, t, n, kh)
-  seg = _segments(segs, b, t)
+  seg = segments(segs, b, t)
   mask = _mask(causal, seg)
   fn = lambda q, k, v: sparse.fixed(q, k, v, mask=mask, block=block, summary=summary,
                                     factorized=factorized)
@@ -282,7 +267,7 @@ LONGFORMER = {
 def test_longformer_matches_dense_under_its_mask(name):
   b, t, n, kh, causal, segs, window, dilation, count, flags = LONGFORMER[name]
   q, k, v, dout = _qkv(b, t, n, kh)
-  seg = _segments(segs, b, t)
+  seg = segments(segs, b, t)
   mask = _mask(causal, seg, flags)
   fn = lambda q, k, v: longformer.attend(q, k, v, mask=mask, window=window, dilation=dilation,
                                          global_tokens=count, separate_global=False, block=4)
@@ -309,7 +294,7 @@ def test_longformer_separate_global_projections():
   causal, segs, count, flags = False, 'packed', 2, FLAGS_13
   q, k, v, dout = _qkv(b, t, n, kh)
   qg, kg, vg = _arrays(q.shape, k.shape, v.shape, seed=5)
-  seg = _segments(segs, b, t)
+  seg = segments(segs, b, t)
   mask = _mask(causal, seg, flags)
   attend = lambda q, k, v, qg, kg, vg: longformer.attend(
       q, k, v, mask=mask, window=window, dilation=dilation, global_tokens=count,
@@ -347,7 +332,7 @@ BIGBIRD = {
 def test_bigbird_matches_dense_under_its_mask(name):
   b, t, n, kh, causal, segs, block, window, r, count, flags, seed = BIGBIRD[name]
   q, k, v, dout = _qkv(b, t, n, kh)
-  seg = _segments(segs, b, t)
+  seg = segments(segs, b, t)
   mask = _mask(causal, seg, flags)
   fn = lambda q, k, v: bigbird.attend(q, k, v, mask=mask, window=window, global_tokens=count,
                                       random_blocks=r, block=block, seed=seed)

@@ -53,7 +53,7 @@ CASES = {
 
 
 def _mask(causal, seg):
-  """seg a kind of tests.helpers.segments, '+flags': also per-example global tokens (two per row)."""
+  """seg: a kind for segments(), '+flags': also per-example global tokens (two per row)."""
   kind, _, flags = (seg or '').partition('+')
   tokens = jnp.zeros((B, T), bool).at[0, [3, 30]].set(True).at[1, [0, 17]].set(True)
   return Mask.from_segments(segments(kind or None, B, T), causal=causal,

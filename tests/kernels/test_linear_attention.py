@@ -8,21 +8,16 @@ that starts on a boundary (32), and padding runs (id 0).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from efflong.attention import Mask, linear, performer
 from efflong.kernels import linear_attention
 from tests.attention import arrays, close, vjp
+from tests.helpers import segments
 
 B, T, CHUNK = 2, 45, 16
-
-
-def _segments():
-  seg = np.zeros((B, T), np.int32)
-  seg[0, :20], seg[0, 20:36] = 1, 2
-  seg[1, :7], seg[1, 7:32], seg[1, 32:41] = 1, 2, 3
-  return jnp.asarray(seg)
+# Row 0: ids 1, 2 over [0, 20), [20, 36); row 1: ids 1, 2, 3 over [0, 7), [7, 32), [32, 41).
+RUNS = ((20, 16), (7, 25, 9))
 
 
 def _features(kh, g, m, h, dtype=jnp.float32):
@@ -35,7 +30,7 @@ def _features(kh, g, m, h, dtype=jnp.float32):
 @pytest.mark.parametrize('strict', [False, True])
 def test_prefix_equals_the_xla_twin(strict):
   """Values and gradients (qf, kf, v) with random cotangents of num and den; K=1, G=2."""
-  seg = _segments()
+  seg = segments('runs', B, T, runs=RUNS)
   args, cotangents = _features(1, 2, 8, 16)
   kernel = lambda *a: linear_attention.prefix(*a, seg, chunk=CHUNK, strict=strict)
   twin = lambda *a: linear._prefix(*a, seg, chunk=CHUNK, strict=strict)
@@ -48,7 +43,7 @@ def test_prefix_equals_the_xla_twin(strict):
 
 def test_prefix_bfloat16_inputs():
   """bf16 features: float32 outputs as from the upcast inputs; gradients come back in bf16."""
-  seg = _segments()
+  seg = segments('runs', B, T, runs=RUNS)
   args, cotangents = _features(2, 1, 8, 8, jnp.bfloat16)
   kernel = lambda *a: linear_attention.prefix(*a, seg, chunk=CHUNK, strict=False)
   twin = lambda *a: linear._prefix(*a, seg, chunk=CHUNK, strict=False)
@@ -64,7 +59,7 @@ def test_prefix_bfloat16_inputs():
 def test_linear_attend_pallas_equals_xla_gqa_packed():
   """Causal Linear Transformer, K=2 kv heads for N=4 query heads, a packed segment mask."""
   q, k, v, dout = arrays((B, T, 4, 8), (B, T, 2, 8), (B, T, 2, 8), (B, T, 4, 8), seed=2)
-  mask = Mask.from_segments(_segments(), causal=True)
+  mask = Mask.from_segments(segments('runs', B, T, runs=RUNS), causal=True)
   fn = lambda impl: lambda q, k, v: linear.attend(q, k, v, mask=mask, chunk=CHUNK, impl=impl)
   got, got_grads = vjp(fn('pallas'), (q, k, v), dout)
   want, want_grads = vjp(fn('xla'), (q, k, v), dout)
