@@ -116,7 +116,7 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       dropout_rate=0.0,
       norm='pre',                 # pre | post
       activation='gelu',          # gelu | relu
-      positions='sinusoidal',     # sinusoidal | learned | none
+      positions='sinusoidal',     # sinusoidal (tensor2tensor's) | sinusoidal_paper | learned | none
       tie_embeddings=False,
       pooling='mean',             # classifier: mean | first
       dtype='float32',            # compute dtype; parameters stay float32

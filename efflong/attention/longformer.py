@@ -18,11 +18,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from efflong import errors
 from efflong.attention import blocksparse, dense, local
 from efflong.mask import Mask
-from efflong.nn.layers import Dtype, head_projection
+from efflong.params import Dtype, head_projection
 
 
 def global_slots(mask: Mask, t: int, count: int) -> tuple[jax.Array, jax.Array]:
@@ -32,7 +34,7 @@ def global_slots(mask: Mask, t: int, count: int) -> tuple[jax.Array, jax.Array]:
     mask: its global_tokens [B, T] bool flags, or None for the first `count` positions.
     t: T.
     count: G. With flags from the batch, the first G flagged positions of a row are its global
-      tokens; the data pipeline must flag at most G (`check_flags`).
+      tokens; a row must flag at most G (`check_flags`).
   Returns:
     index [B|1, G] int32 (T where the slot is unused) and valid [B|1, G] bool.
   """
@@ -41,12 +43,22 @@ def global_slots(mask: Mask, t: int, count: int) -> tuple[jax.Array, jax.Array]:
   return index.astype(jnp.int32), index < t
 
 
-def check_flags(flags, count: int) -> None:
-  """Host-side check for a batch's 'global_tokens' field: at most `count` per row."""
-  most = int(jnp.max(jnp.sum(jnp.asarray(flags, bool), axis=-1)))
-  if most > count:
-    raise ValueError(f"a row flags {most} global tokens; the attention has global_tokens={count} "
-                     'slots.')
+def check_flags(flags: jax.Array, count: int) -> None:
+  """Raises errors.Error when a row flags more than `count` global tokens, also under jit
+  (`errors.check`): `global_slots` would drop the flags beyond the first `count` silently.
+
+  Args:
+    flags: [B, T] bool, the batch field 'global_tokens', concrete or traced.
+    count: G, model.attention_kw.global_tokens.
+  """
+  def message(most: np.ndarray) -> str | None:
+    most = int(most.max())
+    if most <= count:
+      return None
+    return (f'a row flags {most} global tokens; the attention has global_tokens={count} slots; '
+            'set model.attention_kw.global_tokens to the most a row flags.')
+
+  errors.check(message, jnp.max(jnp.sum(flags.astype(jnp.int32), axis=-1), initial=0))
 
 
 def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
@@ -75,6 +87,8 @@ def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
                        'slots; set global_tokens to the most a row flags.')
     return blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=scale,
                                      impl=impl)[0]
+  if mask.global_tokens is not None:
+    check_flags(mask.global_tokens, global_tokens)
   index, valid = global_slots(mask, t, global_tokens)                 # [B|1, G]
   index = jnp.broadcast_to(index, (b, global_tokens))
   valid = jnp.broadcast_to(valid, (b, global_tokens))

@@ -7,6 +7,10 @@ before the segment, query t is at key position S - T + t. The position term is c
 S + T - 1 distances S - 1, ..., -(T - 1) once, [B, N, T, S + T - 1], and moved into place by the
 shift trick (section B of the paper's appendix): O(T * (T + S)) memory, never a gathered
 [T, S, H] tensor of encodings.
+
+r is efflong.sinusoids.sinusoidal (tensor2tensor's timing signal). The authors' code also puts the
+sines before the cosines, but at the paper's frequencies 10000^(-2i / D), i < D / 2 (those of
+efflong.sinusoids.sinusoidal_paper, not interleaved).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from flax import nnx
 
 from efflong.attention.dense import attend_allowed, check_shapes
 from efflong.mask import Mask
-from efflong.nn.positions import sinusoidal
+from efflong.params import partitioned
+from efflong.sinusoids import sinusoidal
 
 
 def distances(q_len: int, kv_len: int) -> jax.Array:
@@ -84,10 +89,9 @@ class RelativeParams(nnx.Module):
   """Owns W_R [E, N, H], u and v [N, H]; x [B, T, D] -> attend's pos_proj, content_bias, pos_bias."""
 
   def __init__(self, *, d_model: int, num_heads: int, head_dim: int, dtype: Any, rngs: nnx.Rngs):
-    proj_init = nnx.with_partitioning(nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
-                                      ('embed', 'heads', 'head_dim'), eager_sharding=False)
-    bias_init = nnx.with_partitioning(nnx.initializers.zeros, ('heads', 'head_dim'),
-                                      eager_sharding=False)
+    proj_init = partitioned(nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                            'embed', 'heads', 'head_dim')
+    bias_init = partitioned(nnx.initializers.zeros, 'heads', 'head_dim')
     self.pos_proj = nnx.Param(proj_init(rngs.params(), (d_model, num_heads, head_dim), dtype))
     self.content_bias = nnx.Param(bias_init(rngs.params(), (num_heads, head_dim), dtype))
     self.pos_bias = nnx.Param(bias_init(rngs.params(), (num_heads, head_dim), dtype))

@@ -19,8 +19,9 @@ import ml_collections
 from flax import nnx
 
 from efflong.nn.blocks import Stack
-from efflong.nn.layers import Dtype, dense, dropout, partitioned
+from efflong.nn.layers import dense, dropout
 from efflong.nn.positions import Positions
+from efflong.params import Dtype, partitioned
 
 Batch = dict[str, jax.Array]
 Memory = dict[str, jax.Array]  # Transformer-XL's segment memory: see init_memory

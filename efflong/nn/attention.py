@@ -10,7 +10,7 @@ from flax import nnx
 
 from efflong import attention
 from efflong.attention import Mask
-from efflong.nn.layers import Dtype, head_projection, partitioned
+from efflong.params import Dtype, head_projection, partitioned
 
 
 class Attention(nnx.Module):

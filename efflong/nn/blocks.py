@@ -10,7 +10,8 @@ from flax import nnx
 from efflong.nn import reversible
 from efflong.nn.attention import Attention
 from efflong.nn.feedforward import FeedForward
-from efflong.nn.layers import Dtype, dropout, layer_norm
+from efflong.nn.layers import dropout, layer_norm
+from efflong.params import Dtype
 
 
 class Block(nnx.Module):

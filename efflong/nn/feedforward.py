@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efflong.nn.layers import Dtype, dense, dropout
+from efflong.nn.layers import dense, dropout
+from efflong.params import Dtype
 
 ACTIVATIONS = {'gelu': nnx.gelu, 'relu': nnx.relu}
 

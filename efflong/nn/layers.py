@@ -1,7 +1,6 @@
 """Small layers with logical axis names on every parameter, and explicit-key dropout.
 
-Logical axis names: batch, length, embed, heads, head_dim, mlp, vocab. The config's sharding rules
-map them to mesh axes; no module names a mesh axis.
+The names are attached by efflong.params, which the attention families' modules share.
 """
 
 from __future__ import annotations
@@ -10,12 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Dtype = jnp.dtype | type
-
-
-def partitioned(init: nnx.Initializer, *names: str | None) -> nnx.Initializer:
-  """An initialiser that tags the parameter with logical axis names."""
-  return nnx.with_partitioning(init, names, eager_sharding=False)
+from efflong.params import Dtype, partitioned
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -42,10 +36,3 @@ def dense(d_in: int, d_out: int, axes: tuple[str, str], *, dtype: Dtype,
                     kernel_init=partitioned(nnx.initializers.lecun_normal(), *axes),
                     bias_init=partitioned(nnx.initializers.zeros, axes[1]))
 
-
-def head_projection(d_model: int, heads: int, head_dim: int, *, dtype: Dtype,
-                    rngs: nnx.Rngs) -> nnx.Einsum:
-  """x [B, T, D] -> [B, T, heads, head_dim], kernel tagged (embed, heads, head_dim)."""
-  init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-  return nnx.Einsum('BTD,DNH->BTNH', (d_model, heads, head_dim), dtype=dtype, rngs=rngs,
-                    kernel_init=partitioned(init, 'embed', 'heads', 'head_dim'))

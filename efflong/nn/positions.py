@@ -1,21 +1,12 @@
-"""Absolute positional encodings: sinusoidal (Vaswani et al. 2017, section 3.5) and learned."""
+"""Absolute positional encodings: sinusoidal (efflong.sinusoids, two layouts) and learned."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from efflong.nn.layers import partitioned
-
-
-def sinusoidal(positions: jax.Array, dim: int, max_timescale: float = 1e4) -> jax.Array:
-  """[B, T] integer positions -> [B, T, D] encodings: sin on the first half, cos on the second."""
-  half = dim // 2
-  inv_freq = max_timescale ** (-jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
-  angles = positions[..., None].astype(jnp.float32) * inv_freq
-  enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-  return jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, dim - 2 * half)])
+from efflong.params import partitioned
+from efflong.sinusoids import sinusoidal, sinusoidal_paper
 
 
 class LearnedPositions(nnx.Module):
@@ -35,9 +26,14 @@ class LearnedPositions(nnx.Module):
 
 
 class Positions(nnx.Module):
-  """The configured absolute encoding: 'sinusoidal', 'learned' or 'none'."""
+  """The configured absolute encoding: 'sinusoidal', 'sinusoidal_paper', 'learned' or 'none'.
 
-  KINDS = ('sinusoidal', 'learned', 'none')
+  'sinusoidal' is tensor2tensor's layout (sines, then cosines), 'sinusoidal_paper' Vaswani et al.
+  2017's (interleaved); efflong.sinusoids says how they differ.
+  """
+
+  SINUSOIDS = {'sinusoidal': sinusoidal, 'sinusoidal_paper': sinusoidal_paper}
+  KINDS = (*SINUSOIDS, 'learned', 'none')
 
   def __init__(self, kind: str, max_len: int, dim: int, *, rngs: nnx.Rngs):
     if kind not in self.KINDS:
@@ -47,8 +43,8 @@ class Positions(nnx.Module):
 
   def __call__(self, positions: jax.Array) -> jax.Array | float:
     """[B, T] positions -> [B, T, D] encodings to add (0.0 for 'none')."""
-    if self.kind == 'sinusoidal':
-      return sinusoidal(positions, self.dim)
+    if self.kind in self.SINUSOIDS:
+      return self.SINUSOIDS[self.kind](positions, self.dim)
     if self.kind == 'learned':
       return self.learned(positions)
     return 0.0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from efflong.attention import Mask, dense, relative
-from efflong.nn.positions import sinusoidal
+from efflong.sinusoids import sinusoidal
 from tests.attention import arrays, close, vjp
 
 B, N, H, E = 2, 4, 8, 12
