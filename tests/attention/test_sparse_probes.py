@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efflong import attention
+from efflong import attention, errors
 from efflong.attention import Mask, bigbird, local, longformer, sparse
 
 B_T_N_K_H = (2, 17, 4, 2, 4)  # T = 17: no block size used below divides it.
@@ -159,10 +159,21 @@ def test_registry_asks_for_required_hyper_parameters(name, missing):
     attention.get(name).bind(causal=True, **{missing: None})
 
 
-def test_check_flags_counts_per_row():
+@pytest.mark.parametrize('attend, kw', [
+    (longformer.attend, dict(window=1, separate_global=False)),
+    (bigbird.attend, dict(block=4, window=1, random_blocks=1)),
+])
+def test_too_many_global_flags_fail_loudly_under_jit(attend, kw):
+  """A row flagging more tokens than there are global slots would lose the extra flags silently
+  (only the first G are global): jitted (as in training), the call must stop, naming the count."""
+  q, k, v = (jnp.ones((2, 8, 2, 4)),) * 3
+  fn = jax.jit(lambda flags: attend(q, k, v, mask=Mask(global_tokens=flags), global_tokens=2, **kw))
   flags = np.zeros((2, 8), bool)
-  flags[1, :3] = True
-  longformer.check_flags(flags, 3)
-  with pytest.raises(ValueError, match=r'a row flags 3 global tokens; the attention has '
-                                       r'global_tokens=2 slots'):
-    longformer.check_flags(flags, 2)
+  flags[1, :2] = True
+  jax.block_until_ready(fn(flags))
+  flags[1, 5] = True
+  with pytest.raises(jax.errors.JaxRuntimeError) as info:
+    jax.block_until_ready(fn(flags))
+  assert errors.one_line(info.value) == (
+      'a row flags 3 global tokens; the attention has global_tokens=2 slots; set '
+      'model.attention_kw.global_tokens to the most a row flags.')
