@@ -1,8 +1,8 @@
 """The config skeleton every task config starts from, and the `key=value,flag` argument parser.
 
-A task config (configs/<task>.py) calls `base(task_name, arg, defaults)`, fills its own section and
-returns it; `parse_arg` turns `attention=lsh,seq_len=1024,smoke` into typed values and refuses keys
-the config does not declare.
+A task config (configs/<task>.py) parses its argument with `parse_arg(arg, ARGS)`, which turns
+`attention=lsh,seq_len=1024,smoke` into typed values and refuses keys the config does not declare,
+then calls `base(task_name)` and fills in its own values.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def attention_defaults(name: str, *, inherit: bool = False) -> ml_collections.Co
 
 
 def base(task_name: str) -> ml_collections.ConfigDict:
-  """The skeleton shared by every task: seed, model, train, eval, mesh, sharding rules."""
+  """The skeleton shared by every task, with defaults: seed, task (its name only), model, train, eval,
+  mesh, sharding rules."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = ml_collections.ConfigDict({'name': task_name})
