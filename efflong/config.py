@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from efflong import attention
+from efflong import attention, errors
 
 # Logical axis -> mesh axis. Parameters are sharded over `fsdp` on their embed axis and over `model`
 # on heads / mlp / vocab (Megatron-style); activations' batch axis over (data, fsdp).
@@ -54,15 +54,15 @@ def parse_arg(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
   for item in filter(None, (s.strip() for s in (arg or '').split(','))):
     key, sep, value = item.partition('=')
     if key not in defaults:
-      raise ValueError(f'unknown config argument {key!r}; valid: {sorted(defaults)}.')
+      raise errors.Error(f'unknown config argument {key!r}; valid: {sorted(defaults)}.')
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):
-        raise ValueError(f'config argument {key!r} needs a value ({key}=...).')
+        raise errors.Error(f'config argument {key!r} needs a value ({key}=...).')
       out[key] = True
     elif isinstance(default, bool):
       if value.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'config argument {key}={value!r} is not a bool (true/false).')
+        raise errors.Error(f'config argument {key}={value!r} is not a bool (true/false).')
       out[key] = value.lower() in ('true', '1')
     elif default is None or isinstance(default, str):
       out[key] = value
@@ -70,7 +70,8 @@ def parse_arg(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
       try:
         out[key] = type(default)(value)
       except ValueError:
-        raise ValueError(f'config argument {key}={value!r} is not a {type(default).__name__}.') from None
+        raise errors.Error(f'config argument {key}={value!r} is not a '
+                           f'{type(default).__name__}.') from None
   return out
 
 
@@ -178,11 +179,11 @@ def add_eval_variant(c: ml_collections.ConfigDict, name: str, **overrides: Any) 
   Call after set_attention; the overrides are checked against the family's hyper-parameters.
   """
   if not re.fullmatch(r'[\w.+-]+', name):
-    raise ValueError(f'eval variant name {name!r} must be letters, digits and ._+- only.')
+    raise errors.Error(f'eval variant name {name!r} must be letters, digits and ._+- only.')
   kw = attention_defaults(c.model.attention, inherit=True)
   unknown = sorted(set(overrides) - set(kw))
   if unknown:
-    raise ValueError(f'eval variant {name!r}: unknown {c.model.attention} hyper-parameters '
-                     f'{unknown}; valid: {sorted(kw)}.')
+    raise errors.Error(f'eval variant {name!r}: unknown {c.model.attention} hyper-parameters '
+                       f'{unknown}; valid: {sorted(kw)}.')
   kw.update(overrides)
   c.eval.variants[name] = kw

@@ -4,17 +4,18 @@
 inputs; the message names the value and what would be valid. The command line (efflong.main) shows
 them, and `NonFiniteLossError`, as one line; every other exception keeps its traceback.
 
-`check` makes such an error loud inside jit as well, where the values are only known when the
-program runs.
+`check` makes such an error loud inside jit as well, where the values are known only when the
+program runs; `raise_pending` raises it on the host.
 """
 
 from __future__ import annotations
 
-import logging
+import threading
 from typing import Callable
 
 import jax
 import numpy as np
+from absl import logging
 
 
 class Error(ValueError):
@@ -29,46 +30,50 @@ class CheckError(Error):
   """An Error that `check` found when a jitted program ran (its values were known only then)."""
 
 
+_failed: list[str] = []  # messages of the checks that failed in jitted programs, not yet raised
+_lock = threading.Lock()  # callbacks run on XLA's threads, one per device
+
+
 def check(message: Callable[..., str | None], *values: jax.Array) -> None:
   """Raises CheckError(message(*values)) when message returns one, also when values are traced.
 
-  Outside jit it raises at once. Under jit the check runs on the host when the program runs
-  (jax.debug.callback: a copy of `values` to the host per call, so reduce them to a few scalars
-  first), and its CheckError surfaces from the call (or the first blocking use of its results) as
-  a jax.errors.JaxRuntimeError whose last line is the CheckError's; `one_line` recovers the
-  message.
+  With concrete values it raises at once. Traced (under jit), the check runs on the host when the
+  program runs (jax.debug.callback: a copy of `values` to the host per device, so reduce them to a
+  few scalars first): a failure is logged as an error at once and raised by the next
+  `raise_pending` (the trainer calls it whenever it fetches a step's results, and after each
+  evaluation). It is not raised inside the program: a device that stopped there would leave the
+  others of a sharded program waiting for it in their next collective.
 
   Args:
     message: the values as numpy arrays -> an error message, or None when they are valid.
-    *values: arrays, concrete or traced.
+    *values: arrays, concrete or traced; every device must see the same values (reduce over the
+      whole array, as jnp.max does under jit).
   """
-  def callback(*concrete: np.ndarray) -> None:
-    text = message(*(np.asarray(x) for x in concrete))
+  evaluate = lambda *arrays: message(*(np.asarray(x) for x in arrays))
+  if not any(isinstance(v, jax.core.Tracer) for v in values):
+    text = evaluate(*values)
     if text is not None:
       raise CheckError(text)
+    return
 
-  jax.debug.callback(callback, *values)
+  def callback(*concrete: np.ndarray) -> None:
+    text = evaluate(*concrete)
+    with _lock:
+      if text is None or text in _failed:
+        return
+      _failed.append(text)
+    logging.error('efflong: a check failed inside a jitted program: %s', text)
 
-
-def one_line(e: BaseException) -> str | None:
-  """The message of an efflong error, also of one raised inside a jitted program by `check`;
-  None for any other exception."""
-  if isinstance(e, (Error, KeywordError)):
-    return str(e)
-  if isinstance(e, jax.errors.JaxRuntimeError):
-    # The callback's traceback, as text; its last line is '[module.]CheckError: <message>'.
-    name, sep, message = (str(e).strip().splitlines() or [''])[-1].partition(': ')
-    if sep and name.rsplit('.', 1)[-1] == CheckError.__name__:
-      return message
-  return None
+  jax.debug.callback(callback, *values, partitioned=True)
 
 
-class _DropCheckFailures(logging.Filter):
-  """jax.debug.callback logs the traceback of a failing callback before re-raising it; a `check`
-  failure is raised to the caller anyway, so its log record would only repeat it."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.exc_info and isinstance(record.exc_info[1], CheckError))
-
-
-logging.getLogger('jax._src.debugging').addFilter(_DropCheckFailures())
+def raise_pending() -> None:
+  """Raises CheckError for the first `check` that failed inside a jitted program since the last
+  call, after every dispatched program's callbacks ran (jax.effects_barrier); forgets the rest."""
+  jax.effects_barrier()
+  with _lock:
+    failed = list(_failed)
+    _failed.clear()
+  if failed:
+    more = f' ({len(failed) - 1} more failed checks are logged above)' if len(failed) > 1 else ''
+    raise CheckError(failed[0] + more)

@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from efflong import config as config_lib
+from efflong import errors
 from efflong.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'configs/<task>.py:<arg>.', lock_config=True)
@@ -83,7 +84,9 @@ def main(argv: list[str]) -> None:
   except trainer.Interrupted as e:
     print(e, file=sys.stderr)
     sys.exit(128 + e.signum)
-  except (trainer.NonFiniteLossError, ValueError, TypeError) as e:
+  except (trainer.NonFiniteLossError, errors.Error, errors.KeywordError) as e:
+    # efflong's own config and input errors are one line; anything else (a bug, JAX's own errors)
+    # keeps its traceback.
     if os.environ.get('EFFLONG_TRACEBACK'):
       raise
     sys.exit(f'efflong: {e} (EFFLONG_TRACEBACK=1 shows the traceback)')

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from efflong import errors
+
 # The logit of a pair the mask forbids: finite, so a row that sees no key gives a uniform softmax
 # (then zeroed) rather than NaN.
 NEG_INF = -1e30
@@ -59,17 +61,17 @@ class Mask:
   def check(self, batch: int, q_len: int, kv_len: int) -> None:
     """Raises ValueError when the segment ids disagree with q [B, T] / k [B, S] shapes."""
     if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
-      raise ValueError('Mask needs both q_segment_ids and kv_segment_ids, or neither.')
+      raise errors.Error('Mask needs both q_segment_ids and kv_segment_ids, or neither.')
     for name, ids, length in (('q_segment_ids', self.q_segment_ids, q_len),
                               ('kv_segment_ids', self.kv_segment_ids, kv_len)):
       if ids is not None and tuple(ids.shape) != (batch, length):
-        raise ValueError(f'Mask.{name} has shape {tuple(ids.shape)}; expected {(batch, length)}.')
+        raise errors.Error(f'Mask.{name} has shape {tuple(ids.shape)}; expected {(batch, length)}.')
     if self.global_tokens is not None and (tuple(self.global_tokens.shape) != (batch, q_len)
                                            or q_len != kv_len):
-      raise ValueError(f'Mask.global_tokens has shape {tuple(self.global_tokens.shape)}; expected '
-                       f'{(batch, q_len)} in self-attention (T == S; here S={kv_len}).')
+      raise errors.Error(f'Mask.global_tokens has shape {tuple(self.global_tokens.shape)}; '
+                         f'expected {(batch, q_len)} in self-attention (T == S; here S={kv_len}).')
     if self.causal and q_len > kv_len:
-      raise ValueError(f'A causal mask needs T <= S; got T={q_len}, S={kv_len}.')
+      raise errors.Error(f'A causal mask needs T <= S; got T={q_len}, S={kv_len}.')
 
   def allowed(self, q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array | None,
               k_seg: jax.Array | None, q_len: int, kv_len: int) -> jax.Array:

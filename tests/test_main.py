@@ -34,3 +34,53 @@ def test_config_errors_are_one_line(tmp_path, args, expected):
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
   assert lines[0].startswith('efflong: ') and expected in lines[0], lines[0]
+
+
+# Runs efflong.main with the train step made to fail inside its jitted step, in one of two ways:
+# 'jax' (a JAX shape error: not efflong's, so it keeps its traceback) or 'check' (an efflong input
+# check that fails only when the jitted step runs: one line).
+_FAILING_STEP = '''
+import sys
+import jax.numpy as jnp
+from absl import app
+from efflong import errors, main
+from efflong.train import trainer
+
+kind, make = sys.argv.pop(1), trainer.make_train_step
+
+def failing(*args, **kwargs):
+  step = make(*args, **kwargs)
+  def train_step(state, batch):
+    if kind == 'jax':
+      jnp.reshape(jnp.ones(3), (2, 2))
+    else:
+      errors.check(lambda x: f'row {int(x)} is no good.', jnp.int32(3))
+    return step(state, batch)
+  return train_step
+
+trainer.make_train_step = failing
+app.run(main.main, flags_parser=main.parse_flags)
+'''
+
+
+def _run_failing_step(tmp_path, kind: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-c', _FAILING_STEP, kind, f'--workdir={tmp_path}',
+                         '--config=configs/duplication.py:smoke,attention=dense'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_an_error_that_is_not_efflongs_keeps_its_traceback(tmp_path):
+  proc = _run_failing_step(tmp_path, 'jax')
+  assert proc.returncode != 0
+  assert 'Traceback (most recent call last)' in proc.stderr, proc.stderr
+  assert 'TypeError: cannot reshape array of shape (3,)' in proc.stderr, proc.stderr
+
+
+def test_an_input_check_failing_inside_the_jitted_step_is_one_line(tmp_path):
+  """Logged when the step runs, then raised by the trainer: one line, no traceback."""
+  proc = _run_failing_step(tmp_path, 'check')
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr, proc.stderr
+  assert 'a check failed inside a jitted program: row 3 is no good.' in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'efflong: row 3 is no good. (EFFLONG_TRACEBACK=1 shows the traceback)'), proc.stderr

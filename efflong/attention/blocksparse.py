@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efflong import kernels
+from efflong import errors, kernels
 from efflong.kernels import flash_attention
 from efflong.mask import Mask, Pattern, softmax
 
@@ -61,10 +61,10 @@ class Layout:
 
   def __post_init__(self):
     if self.kv_blocks.shape != self.kind.shape or self.kv_blocks.ndim != 3:
-      raise ValueError(f'Layout kv_blocks {self.kv_blocks.shape} and kind {self.kind.shape} must be '
-                       'one [L, Nq, V] shape.')
+      raise errors.Error(f'Layout kv_blocks {self.kv_blocks.shape} and kind {self.kind.shape} must '
+                         'be one [L, Nq, V] shape.')
     if self.pattern is None and np.any(self.kind == PATTERN):
-      raise ValueError('Layout has PATTERN slots but no pattern function.')
+      raise errors.Error('Layout has PATTERN slots but no pattern function.')
 
   @property
   def heads(self) -> int:
@@ -162,7 +162,7 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
   q_index = identity_index(t, c) if layout.q_index is None else layout.q_index
   k_index = identity_index(s, c) if layout.k_index is None else layout.k_index
   if lh not in (1, n) or len(q_index) != nq * c or np.max(layout.kv_blocks) * c >= len(k_index):
-    raise ValueError(f'Layout [{lh}, {nq}, {nv}] x block {c} does not fit T={t}, S={s}, N={n}.')
+    raise errors.Error(f'Layout [{lh}, {nq}, {nv}] x block {c} does not fit T={t}, S={s}, N={n}.')
   impl = kernels.resolve(impl, tile=c)
   if impl == 'pallas':
     out, lse = _attend_kernel(q, k, v, mask=mask, layout=layout, scale=scale, exclude=exclude,

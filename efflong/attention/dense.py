@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from efflong import kernels
+from efflong import errors, kernels
 from efflong.attention import blocksparse
 from efflong.mask import Mask, softmax
 
@@ -16,13 +16,13 @@ from efflong.mask import Mask, softmax
 def check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> None:
   """Raises ValueError on q/k/v/mask shapes that do not fit [B, T, N, H] / [B, S, K, H]."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f'q, k, v must be [B, T, N, H] / [B, S, K, H]; got ranks {q.ndim}, {k.ndim}, '
-                     f'{v.ndim}.')
+    raise errors.Error(f'q, k, v must be [B, T, N, H] / [B, S, K, H]; got ranks {q.ndim}, '
+                       f'{k.ndim}, {v.ndim}.')
   b, t, n, h = q.shape
   if k.shape != v.shape or k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f'k and v must be [B={b}, S, K, H={h}]; got k {k.shape}, v {v.shape}.')
+    raise errors.Error(f'k and v must be [B={b}, S, K, H={h}]; got k {k.shape}, v {v.shape}.')
   if n % k.shape[2]:
-    raise ValueError(f'Key/value heads K={k.shape[2]} must divide query heads N={n}.')
+    raise errors.Error(f'Key/value heads K={k.shape[2]} must divide query heads N={n}.')
   mask.check(b, t, k.shape[1])
 
 

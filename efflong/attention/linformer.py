@@ -36,7 +36,7 @@ CAUSAL_WHY = ('its projections E K and F V mix every position into each projecte
 
 
 def check_segments(segment_ids: jax.Array, segments: int) -> None:
-  """Raises errors.Error for a segment id outside 0..segments, also under jit (`errors.check`).
+  """errors.CheckError for a segment id outside 0..segments, also under jit (see `errors.check`).
 
   An id above `segments` would be projected nowhere and its queries would silently get zeros.
 
@@ -88,21 +88,21 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, proj_k: jax.
   """
   dense.check_shapes(q, k, v, mask)
   if mask.causal:
-    raise ValueError(f'linformer cannot be causal: {CAUSAL_WHY}.')
+    raise errors.Error(f'linformer cannot be causal: {CAUSAL_WHY}.')
   if mask.global_tokens is not None:
-    raise ValueError("linformer has no global tokens, but the mask (the batch field "
-                     "'global_tokens') sets some; use longformer or bigbird.")
+    raise errors.Error("linformer has no global tokens, but the mask (the batch field "
+                       "'global_tokens') sets some; use longformer or bigbird.")
   if not isinstance(segments, int) or segments < 1:
-    raise ValueError(f'segments={segments!r} must be an int >= 1.')
+    raise errors.Error(f'segments={segments!r} must be an int >= 1.')
   b, s, kh = k.shape[:3]
   for name, proj in (('proj_k', proj_k), ('proj_v', proj_v)):
     if proj.ndim != 3 or proj.shape[0] not in (1, kh) or proj.shape != proj_k.shape:
-      raise ValueError(f'{name} has shape {proj.shape}; expected [K={kh} or 1, P, T_max], both '
-                       'alike.')
+      raise errors.Error(f'{name} has shape {proj.shape}; expected [K={kh} or 1, P, T_max], both '
+                         'alike.')
   p, max_len = proj_k.shape[1:]
   if s > max_len:
-    raise ValueError(f'input length {s} exceeds the Linformer projections\' max_len={max_len} '
-                     '(task.seq_len at model creation); use a shorter input or a larger max_len.')
+    raise errors.Error(f'input length {s} exceeds the Linformer projections\' max_len={max_len} '
+                       '(task.seq_len at model creation); use a shorter input or a larger max_len.')
   seg = mask.kv_segment_ids
   if seg is None:
     member, inner = None, Mask(causal=False)
@@ -146,17 +146,17 @@ def projections(hyper: dict[str, Any], *, k: int = 256, share: str = 'none', num
   """
   del hyper, layer
   if not isinstance(k, int) or k < 1:
-    raise ValueError(f'linformer k={k!r} must be an int >= 1 (the projected length).')
+    raise errors.Error(f'linformer k={k!r} must be an int >= 1 (the projected length).')
   if share not in SHARES:
-    raise ValueError(f'linformer share={share!r}; valid: {list(SHARES)}.')
+    raise errors.Error(f'linformer share={share!r}; valid: {list(SHARES)}.')
   if max_len is None:
-    raise ValueError('linformer needs the model\'s max_len (task.seq_len) for its projections.')
+    raise errors.Error('linformer needs the model\'s max_len (task.seq_len) for its projections.')
   make = lambda: Projections(k=k, share=share, num_kv_heads=num_kv_heads, max_len=max_len,
                              dtype=dtype, rngs=rngs)
   if share != 'layerwise':
     return make()
   if stack_modules is None:
-    raise ValueError("linformer share='layerwise' needs a layer stack to share across.")
+    raise errors.Error("linformer share='layerwise' needs a layer stack to share across.")
   if ('linformer', k) not in stack_modules:
     stack_modules['linformer', k] = make()
   return stack_modules['linformer', k]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflong import errors
 from efflong.attention import blocksparse, dense
 from efflong.mask import Mask
 
@@ -28,8 +29,8 @@ def check_positive(**values: int | Sequence[int]) -> None:
   for name, value in values.items():
     for x in (value if isinstance(value, (tuple, list)) else (value,)):
       if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x <= 0:
-        raise ValueError(f'{name}={value!r} must be a positive integer'
-                         f'{" (or one per head)" if name == "dilation" else ""}.')
+        raise errors.Error(f'{name}={value!r} must be a positive integer'
+                           f'{" (or one per head)" if name == "dilation" else ""}.')
 
 
 def default_block(window: int) -> int:
@@ -42,8 +43,8 @@ def band_layout(t: int, s: int, *, window: int, dilation: Dilation, causal: bool
   """The layout of `local` for T queries over S keys (T == S)."""
   if isinstance(dilation, (tuple, list)):
     if len(dilation) != heads:
-      raise ValueError(f'dilation has {len(dilation)} entries; give one per head (N={heads}) or '
-                       'one int.')
+      raise errors.Error(f'dilation has {len(dilation)} entries; give one per head (N={heads}) or '
+                         'one int.')
     if len(set(dilation)) == 1:
       dilation = dilation[0]
   nq, nk = blocksparse.num_blocks(t, block), blocksparse.num_blocks(s, block)
@@ -79,11 +80,11 @@ def check_self(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, name: str, 
   """
   dense.check_shapes(q, k, v, mask)
   if q.shape[1] != k.shape[1]:
-    raise ValueError(f'{name} attention needs T == S (self-attention); got T={q.shape[1]}, '
-                     f'S={k.shape[1]}.')
+    raise errors.Error(f'{name} attention needs T == S (self-attention); got T={q.shape[1]}, '
+                       f'S={k.shape[1]}.')
   if mask.global_tokens is not None and not global_tokens:
-    raise ValueError(f'{name} attention has no global tokens, but the mask (the batch field '
-                     "'global_tokens') sets some; use longformer or bigbird.")
+    raise errors.Error(f'{name} attention has no global tokens, but the mask (the batch field '
+                       "'global_tokens') sets some; use longformer or bigbird.")
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,

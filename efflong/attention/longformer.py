@@ -44,8 +44,8 @@ def global_slots(mask: Mask, t: int, count: int) -> tuple[jax.Array, jax.Array]:
 
 
 def check_flags(flags: jax.Array, count: int) -> None:
-  """Raises errors.Error when a row flags more than `count` global tokens, also under jit
-  (`errors.check`): `global_slots` would drop the flags beyond the first `count` silently.
+  """errors.CheckError when a row flags more than `count` global tokens, also under jit (see
+  `errors.check`): `global_slots` would drop the flags beyond the first `count` silently.
 
   Args:
     flags: [B, T] bool, the batch field 'global_tokens', concrete or traced.
@@ -83,8 +83,8 @@ def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
   b, t = q.shape[:2]
   if global_tokens == 0:
     if mask.global_tokens is not None:
-      raise ValueError("the batch flags global tokens but the attention has global_tokens=0 "
-                       'slots; set global_tokens to the most a row flags.')
+      raise errors.Error("the batch flags global tokens but the attention has global_tokens=0 "
+                         'slots; set global_tokens to the most a row flags.')
     return blocksparse.attend_layout(q, k, v, mask=mask, layout=layout, scale=scale,
                                      impl=impl)[0]
   if mask.global_tokens is not None:
@@ -142,10 +142,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, window: int,
   local.check_self(q, k, v, mask, 'longformer', global_tokens=True)
   t, n, h = q.shape[1:]
   if not isinstance(global_tokens, int) or not 0 <= global_tokens <= t:
-    raise ValueError(f'global_tokens={global_tokens!r} must be an int in [0, T={t}].')
+    raise errors.Error(f'global_tokens={global_tokens!r} must be an int in [0, T={t}].')
   if separate_global and global_tokens and global_qkv is None:
-    raise ValueError('longformer with separate_global=True needs global_qkv=(q_g, k_g, v_g) '
-                     '(the attention layer makes them); or set separate_global=False.')
+    raise errors.Error('longformer with separate_global=True needs global_qkv=(q_g, k_g, v_g) '
+                       '(the attention layer makes them); or set separate_global=False.')
   layout = local.band_layout(t, t, window=window, dilation=dilation, causal=mask.causal, heads=n,
                              block=block or local.default_block(window))
   out = attend_with_globals(q, k, v, mask=mask, layout=layout, global_tokens=global_tokens,

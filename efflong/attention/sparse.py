@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efflong import errors
 from efflong.attention import blocksparse, local
 from efflong.attention.blocksparse import PATTERN, Layout
 from efflong.mask import Mask
@@ -86,7 +87,7 @@ def attend_parts(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layout
              for lay in layouts]
     return blocksparse.merge(parts)[0].astype(q.dtype)
   if n % 2:
-    raise ValueError(f'factorized=True splits the heads in two; N={n} is odd.')
+    raise errors.Error(f'factorized=True splits the heads in two; N={n} is odd.')
   halves = zip((q[:, :, :n // 2], q[:, :, n // 2:]), _split_heads(k, n), _split_heads(v, n),
                layouts)
   outs = [blocksparse.attend_layout(qh, kh, vh, mask=mask, layout=lay, scale=scale, impl=impl)[0]
@@ -137,7 +138,7 @@ def fixed(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, block: int, s
   """
   local.check_positive(block=block, summary=summary)
   if summary > block:
-    raise ValueError(f'summary={summary} must be <= block={block}.')
+    raise errors.Error(f'summary={summary} must be <= block={block}.')
   local.check_self(q, k, v, mask, 'fixed')
   layouts = fixed_layouts(q.shape[1], block=block, summary=summary, causal=mask.causal,
                           disjoint=not factorized)

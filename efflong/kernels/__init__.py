@@ -24,13 +24,15 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import NamedSharding, PartitionSpec
 
+from efflong import errors
+
 IMPLS = ('xla', 'pallas', 'auto')
 
 
 def check(impl: str) -> None:
   """Raises ValueError on an impl that is not one of IMPLS."""
   if impl not in IMPLS:
-    raise ValueError(f'impl={impl!r} (config.model.attention_impl); valid: {list(IMPLS)}.')
+    raise errors.Error(f'impl={impl!r} (config.model.attention_impl); valid: {list(IMPLS)}.')
 
 
 def resolve(impl: str, tile: int | None = None) -> str:
@@ -50,9 +52,9 @@ def resolve(impl: str, tile: int | None = None) -> str:
       return 'xla'
     return 'pallas'
   if impl == 'pallas' and backend == 'tpu':
-    raise ValueError("attention_impl='pallas' is not available on TPU: the kernels are written "
-                     "for the GPU's Triton lowering (and interpreted on the CPU); use 'xla' or "
-                     "'auto'.")
+    raise errors.Error("attention_impl='pallas' is not available on TPU: the kernels are written "
+                       "for the GPU's Triton lowering (and interpreted on the CPU); use 'xla' or "
+                       "'auto'.")
   return impl
 
 

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from efflong import kernels
+from efflong import errors, kernels
 
 MIN_CHUNK = 16   # C: the smallest tile length (matmul tiles on the GPU are at least 16).
 MIN_LANES = 64   # M and H are padded to a power of two at least this.
@@ -280,7 +280,7 @@ def prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk:
     num [B, T, K, G, H] and den [B, T, K, G], float32.
   """
   if not isinstance(chunk, int) or chunk < 1:
-    raise ValueError(f'chunk={chunk!r} must be a positive integer.')
+    raise errors.Error(f'chunk={chunk!r} must be a positive integer.')
   b, t, kh, g, m = qf.shape
   h = v.shape[-1]
   size = kernels.pow2(chunk, MIN_CHUNK)

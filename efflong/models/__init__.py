@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
+from efflong import errors
 from efflong.models.transformer import (Classifier, Encoder, EncoderDecoder, LanguageModel,
                                         init_memory)
 
@@ -27,9 +28,9 @@ def build(config: ml_collections.ConfigDict, *, attention_kw: dict | None = None
   """
   kind = config.model.kind
   if kind not in KINDS:
-    raise ValueError(f'unknown model.kind {kind!r}; valid: {sorted(KINDS)}.')
+    raise errors.Error(f'unknown model.kind {kind!r}; valid: {sorted(KINDS)}.')
   if not 0.0 <= config.model.dropout_rate < 1.0:
-    raise ValueError(f'model.dropout_rate={config.model.dropout_rate} must be in [0, 1).')
+    raise errors.Error(f'model.dropout_rate={config.model.dropout_rate} must be in [0, 1).')
   if attention_kw is None:
     attention_kw = config.model.attention_kw.to_dict()
   return KINDS[kind](config.model, vocab_size=config.task.vocab_size,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from efflong import errors
 from efflong.nn.blocks import Stack
 from efflong.nn.layers import dense, dropout
 from efflong.nn.positions import Positions
@@ -136,7 +137,8 @@ class EncoderDecoder(nnx.Module):
                        segment_ids=enc_seg, key=keys[1], global_tokens=batch.get('global_tokens'))
     dec_seg = batch.get('decoder_segment_ids')
     if (enc_seg is None) != (dec_seg is None):
-      raise ValueError('encoder_decoder needs both segment_ids and decoder_segment_ids, or neither.')
+      raise errors.Error('encoder_decoder needs both segment_ids and decoder_segment_ids, or '
+                         'neither.')
     x = self.embedder.encode(batch['decoder_inputs'], batch.get('decoder_positions'), keys[2])
     x = self.decoder(x, segment_ids=dec_seg, key=keys[3], context=enc, context_segment_ids=enc_seg)
     return self.embedder.decode(x)
@@ -150,7 +152,7 @@ class Classifier(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
                num_classes: int, attention_kw: dict, rngs: nnx.Rngs, **unused_task):
     if cfg.pooling not in self.POOLINGS:
-      raise ValueError(f'unknown model.pooling {cfg.pooling!r}; valid: {list(self.POOLINGS)}.')
+      raise errors.Error(f'unknown model.pooling {cfg.pooling!r}; valid: {list(self.POOLINGS)}.')
     dtype = jnp.dtype(cfg.dtype)
     self.pooling = cfg.pooling
     self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs, logits=False)

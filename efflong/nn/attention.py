@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efflong import attention
+from efflong import attention, errors
 from efflong.attention import Mask
 from efflong.params import Dtype, head_projection, partitioned
 
@@ -28,7 +28,7 @@ class Attention(nnx.Module):
                dtype: Dtype, rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
     if num_heads % num_kv_heads:
-      raise ValueError(f'model.num_kv_heads={num_kv_heads} must divide num_heads={num_heads}.')
+      raise errors.Error(f'model.num_kv_heads={num_kv_heads} must divide num_heads={num_heads}.')
     self.causal = causal
     fam = attention.get(family)
     self.attend = fam.bind(causal=causal, impl=impl, **(family_kw or {}))
@@ -39,8 +39,8 @@ class Attention(nnx.Module):
     self.family, self.takes_memory = family, fam.memory
     self.q = head_projection(d_model, num_heads, head_dim, dtype=dtype, rngs=rngs)
     if fam.shared_qk and num_kv_heads != num_heads:
-      raise ValueError(f'attention {family!r} shares queries and keys: model.num_kv_heads='
-                       f'{num_kv_heads} must equal num_heads={num_heads} (or 0).')
+      raise errors.Error(f'attention {family!r} shares queries and keys: model.num_kv_heads='
+                         f'{num_kv_heads} must equal num_heads={num_heads} (or 0).')
     self.k = (None if fam.shared_qk
               else head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs))
     self.v = head_projection(d_model, num_kv_heads, head_dim, dtype=dtype, rngs=rngs)
@@ -68,11 +68,11 @@ class Attention(nnx.Module):
     """
     if memory is not None:
       if not self.takes_memory:
-        raise ValueError(f'attention {self.family!r} cannot read a segment memory; families that '
-                         f'can: {attention.names(memory=True)}.')
+        raise errors.Error(f'attention {self.family!r} cannot read a segment memory; families that '
+                           f'can: {attention.names(memory=True)}.')
       if context is not None or global_tokens is not None:
-        raise ValueError('a segment memory applies to plain self-attention (no context, no '
-                         'global tokens).')
+        raise errors.Error('a segment memory applies to plain self-attention (no context, no '
+                           'global tokens).')
       if segment_ids is None:
         segment_ids = jnp.ones(x.shape[:2], jnp.int32)
       context = jnp.concatenate([memory.astype(x.dtype), x], axis=1)
@@ -80,9 +80,9 @@ class Attention(nnx.Module):
     elif context is None:
       context, context_segment_ids = x, segment_ids
     elif global_tokens is not None:
-      raise ValueError('global_tokens apply to self-attention, not cross-attention.')
+      raise errors.Error('global_tokens apply to self-attention, not cross-attention.')
     elif self.k is None:
-      raise ValueError('shared-QK attention (lsh) is self-attention; it cannot read a context.')
+      raise errors.Error('shared-QK attention (lsh) is self-attention; it cannot read a context.')
     mask = Mask(causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=context_segment_ids,
                 global_tokens=global_tokens)
     inputs = {} if self.family_module is None else self.family_module(x)

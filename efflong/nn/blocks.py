@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from efflong import errors
 from efflong.nn import reversible
 from efflong.nn.attention import Attention
 from efflong.nn.feedforward import FeedForward
@@ -25,7 +26,7 @@ class Block(nnx.Module):
                dtype: Dtype, rngs: nnx.Rngs):
     d = cfg.d_model
     if d % cfg.num_heads:
-      raise ValueError(f'model.d_model={d} is not divisible by model.num_heads={cfg.num_heads}.')
+      raise errors.Error(f'model.d_model={d} is not divisible by model.num_heads={cfg.num_heads}.')
     self.pre_ln = cfg.norm == 'pre'
     self.dropout_rate = cfg.dropout_rate
     attn = dict(d_model=d, num_heads=cfg.num_heads, head_dim=d // cfg.num_heads,
@@ -105,10 +106,10 @@ class Stack(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, *, causal: bool, cross: bool = False,
                max_len: int | None = None, attention_kw: dict, dtype: Dtype, rngs: nnx.Rngs):
     if cfg.norm not in self.NORMS:
-      raise ValueError(f'unknown model.norm {cfg.norm!r}; valid: {list(self.NORMS)}.')
+      raise errors.Error(f'unknown model.norm {cfg.norm!r}; valid: {list(self.NORMS)}.')
     if cfg.reversible and cfg.norm != 'pre':
-      raise ValueError("model.reversible needs model.norm='pre' (a post-LN layer cannot be "
-                       'inverted from its output).')
+      raise errors.Error("model.reversible needs model.norm='pre' (a post-LN layer cannot be "
+                         'inverted from its output).')
     self.reversible = cfg.reversible
     stack_modules = {}  # Family modules shared by all layers (e.g. Linformer's layerwise E).
     self.layers = nnx.List([Block(cfg, causal=causal, cross=cross, attention_kw=attention_kw,
@@ -128,7 +129,7 @@ class Stack(nnx.Module):
     """
     if self.reversible:
       if memory is not None:
-        raise ValueError('a segment memory (model.mem_len > 0) needs model.reversible=False.')
+        raise errors.Error('a segment memory (model.mem_len > 0) needs model.reversible=False.')
       graphdef, params, rest = nnx.split(self, nnx.Param, ...)
       run = reversible.make(graphdef, len(self.layers))
       y1, y2 = run(params, rest, x, x, context,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efflong import errors
 from efflong.nn.layers import dense, dropout
 from efflong.params import Dtype
 
@@ -23,9 +24,9 @@ class FeedForward(nnx.Module):
   def __init__(self, d_model: int, d_ff: int, *, activation: str, dropout_rate: float, dtype: Dtype,
                rngs: nnx.Rngs, chunk_size: int = 0):
     if activation not in ACTIVATIONS:
-      raise ValueError(f'unknown model.activation {activation!r}; valid: {sorted(ACTIVATIONS)}.')
+      raise errors.Error(f'unknown model.activation {activation!r}; valid: {sorted(ACTIVATIONS)}.')
     if not isinstance(chunk_size, int) or chunk_size < 0:
-      raise ValueError(f'model.ff_chunk_size={chunk_size!r} must be an int >= 0 (0: no chunks).')
+      raise errors.Error(f'model.ff_chunk_size={chunk_size!r} must be an int >= 0 (0: no chunks).')
     self.activation = ACTIVATIONS[activation]
     self.dropout_rate = dropout_rate
     self.chunk_size = chunk_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from efflong import errors
 from efflong.params import partitioned
 from efflong.sinusoids import sinusoidal, sinusoidal_paper
 
@@ -20,8 +21,9 @@ class LearnedPositions(nnx.Module):
   def __call__(self, positions: jax.Array) -> jax.Array:
     """[B, T] positions -> [B, T, D]. Positions must be < max_len (the table's length)."""
     if positions.shape[-1] > self.max_len:
-      raise ValueError(f'sequence length {positions.shape[-1]} exceeds the learned position table '
-                       f'({self.max_len} = task.seq_len); use positions=sinusoidal or a longer seq_len.')
+      raise errors.Error(f'sequence length {positions.shape[-1]} exceeds the learned position '
+                         f'table ({self.max_len} = task.seq_len); use positions=sinusoidal or a '
+                         'longer seq_len.')
     return self.table[...][positions]
 
 
@@ -37,7 +39,7 @@ class Positions(nnx.Module):
 
   def __init__(self, kind: str, max_len: int, dim: int, *, rngs: nnx.Rngs):
     if kind not in self.KINDS:
-      raise ValueError(f'unknown model.positions {kind!r}; valid: {list(self.KINDS)}.')
+      raise errors.Error(f'unknown model.positions {kind!r}; valid: {list(self.KINDS)}.')
     self.kind, self.dim = kind, dim
     self.learned = LearnedPositions(max_len, dim, rngs=rngs) if kind == 'learned' else None
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from efflong import errors
+
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 
 _TASKS = {
@@ -47,7 +49,7 @@ def build(config: ml_collections.ConfigDict) -> Task:
   """The task named by config.task.name, built from the whole config."""
   name = config.task.name
   if name not in _TASKS:
-    raise ValueError(f'unknown task.name {name!r}; valid: {sorted(_TASKS)}.')
+    raise errors.Error(f'unknown task.name {name!r}; valid: {sorted(_TASKS)}.')
   module, cls = _TASKS[name].split(':')
   return getattr(importlib.import_module(module), cls)(config)
 
@@ -55,7 +57,7 @@ def build(config: ml_collections.ConfigDict) -> Task:
 def local_batch_size(global_batch: int, process_count: int) -> int:
   """This process's share of a global batch; it must divide evenly."""
   if global_batch % process_count:
-    raise ValueError(f'batch size {global_batch} does not divide over {process_count} processes.')
+    raise errors.Error(f'batch size {global_batch} does not divide over {process_count} processes.')
   return global_batch // process_count
 
 

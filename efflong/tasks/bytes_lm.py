@@ -38,6 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from efflong import errors
 from efflong.tasks import Metrics, local_batch_size, token_metrics
 
 VOCAB_SIZE = 256
@@ -103,19 +104,19 @@ def stdlib_splits(cache_dir: str, root: str | None = None) -> dict[str, np.ndarr
 def _check_file(path: str) -> None:
   """Raises a one-line ValueError if path is not a non-empty file (or a zip of one)."""
   if not os.path.isfile(path):
-    raise ValueError(f"task.corpus={path!r} does not exist; give 'stdlib' or a byte file "
-                     '(enwik8, enwik8.zip or any file).')
+    raise errors.Error(f"task.corpus={path!r} does not exist; give 'stdlib' or a byte file "
+                       '(enwik8, enwik8.zip or any file).')
   if path.endswith('.zip'):
     with zipfile.ZipFile(path) as z:
       members = z.infolist()
       if len(members) != 1:
-        raise ValueError(f'task.corpus={path!r} holds {len(members)} members; a corpus zip must '
-                         'hold exactly one file.')
+        raise errors.Error(f'task.corpus={path!r} holds {len(members)} members; a corpus zip must '
+                           'hold exactly one file.')
       size = members[0].file_size
   else:
     size = os.path.getsize(path)
   if size == 0:
-    raise ValueError(f'task.corpus={path!r} is empty; a corpus needs at least one byte.')
+    raise errors.Error(f'task.corpus={path!r} is empty; a corpus needs at least one byte.')
 
 
 def file_splits(path: str) -> dict[str, np.ndarray]:
@@ -163,9 +164,9 @@ class BytesLM:
   def __init__(self, config: ml_collections.ConfigDict):
     self.seq_len, self.vocab_size = config.task.seq_len, config.task.vocab_size
     if self.vocab_size != VOCAB_SIZE:
-      raise ValueError(f'task.vocab_size={self.vocab_size} does not fit bytes: it must be 256.')
+      raise errors.Error(f'task.vocab_size={self.vocab_size} does not fit bytes: it must be 256.')
     if self.seq_len < 1:
-      raise ValueError(f'task.seq_len={self.seq_len} must be >= 1.')
+      raise errors.Error(f'task.seq_len={self.seq_len} must be >= 1.')
     self.corpus = config.task.get('corpus', 'stdlib')
     self.cache_dir = config.task.get('cache_dir') or default_cache_dir()
     if self.corpus != 'stdlib':
@@ -188,11 +189,11 @@ class BytesLM:
     data = self.split(split)
     steps_per_pass = (data.size // batch - 1) // self.seq_len
     if steps_per_pass < 1:
-      raise ValueError(f'the {split} split of task.corpus={self.corpus!r} ({data.size} bytes) is '
-                       f'too short for {batch} rows of seq_len + 1 = {self.seq_len + 1} bytes.')
+      raise errors.Error(f'the {split} split of task.corpus={self.corpus!r} ({data.size} bytes) is '
+                         f'too short for {batch} rows of seq_len + 1 = {self.seq_len + 1} bytes.')
     if steps is not None and steps > steps_per_pass:
-      raise ValueError(f'eval.steps={steps} exceeds the {steps_per_pass} full segments of the '
-                       f'{split} split ({batch} rows of seq_len {self.seq_len}).')
+      raise errors.Error(f'eval.steps={steps} exceeds the {steps_per_pass} full segments of the '
+                         f'{split} split ({batch} rows of seq_len {self.seq_len}).')
     local = local_batch_size(batch, process_count)
     rows = range(process_index * local, (process_index + 1) * local)
     make = lambda s: make_batch(data, s, global_batch=batch, seq_len=self.seq_len, rows=rows,

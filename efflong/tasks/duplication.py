@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from efflong import errors
 from efflong.tasks import Metrics, local_batch_size, token_metrics
 
 _TRAIN, _EVAL = 0, 1
@@ -52,9 +53,10 @@ class Duplication:
   def __init__(self, config: ml_collections.ConfigDict):
     self.seq_len, self.vocab_size = config.task.seq_len, config.task.vocab_size
     if self.seq_len < 4 or self.seq_len % 2:
-      raise ValueError(f'task.seq_len={self.seq_len} cannot hold 0w0w: it must be even and >= 4.')
+      raise errors.Error(f'task.seq_len={self.seq_len} cannot hold 0w0w: it must be even and >= 4.')
     if self.vocab_size < 2:
-      raise ValueError(f'task.vocab_size={self.vocab_size} leaves no symbols for w: it must be >= 2.')
+      raise errors.Error(f'task.vocab_size={self.vocab_size} leaves no symbols for w: it must be '
+                         '>= 2.')
     self.fill = bool(config.task.get('fill', False))
     self.seed = config.seed
     self.train_batch, self.eval_batch = config.train.batch_size, config.eval.batch_size

@@ -19,7 +19,7 @@ SCHEDULES = ('cosine', 'rsqrt', 'constant')
 def schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   """Learning rate per step: linear warmup over warmup_steps, then the named decay."""
   if cfg.schedule not in SCHEDULES:
-    raise ValueError(f'unknown train.schedule {cfg.schedule!r}; valid: {list(SCHEDULES)}.')
+    raise errors.Error(f'unknown train.schedule {cfg.schedule!r}; valid: {list(SCHEDULES)}.')
   lr, warm = cfg.learning_rate, max(cfg.warmup_steps, 1)
   warmup = optax.linear_schedule(0.0, lr, warm)
   if cfg.schedule == 'cosine':
@@ -37,16 +37,16 @@ _KERNEL_INPUTS = (('embed',), ('mlp',), ('heads', 'head_dim'))
 
 
 def is_kernel(names: Sequence[str | None]) -> bool:
-  """Whether a parameter with these logical axis names is a kernel (of a projection or feed-forward).
+  """Whether a parameter with these logical axis names is a projection's or feed-forward's kernel.
 
   A kernel's leading axes are contracted with an activation's features ('embed', 'mlp', or the
   head space 'heads', 'head_dim') and at least one output axis follows: the q, k, v, o projections,
   Longformer's global and Transformer-XL's position projection W_R (embed, heads, head_dim), the
   feed-forward (embed, mlp), (mlp, embed), the untied output head (embed, vocab) and a classifier's
-  (embed, None). Not kernels: the token embedding (vocab, embed) and position tables (length, embed),
-  whose rows are looked up; Linformer's length projections E, F (None, None, length), indexed by
-  position like a position table; norms and biases (one axis); Transformer-XL's u and v
-  (heads, head_dim), biases added to the queries.
+  (embed, None). Not kernels: the token embedding (vocab, embed) and position tables
+  (length, embed), whose rows are looked up; Linformer's length projections E, F
+  (None, None, length), indexed by position like a position table; norms and biases (one axis);
+  Transformer-XL's u and v (heads, head_dim), biases added to the queries.
   """
   names = tuple(names)
   return any(names[:len(inputs)] == inputs and len(names) > len(inputs)
@@ -67,8 +67,9 @@ def decay_mask(params: Any) -> Any:
   def decays(path, leaf) -> bool:
     names = leaf.get_metadata('out_sharding', None) if isinstance(leaf, nnx.Variable) else None
     if names is None:
-      raise errors.Error(f'parameter {jax.tree_util.keystr(path)} has no logical axis names; weight '
-                         'decay (and sharding) read them: create it with efflong.params.partitioned.')
+      raise errors.Error(f'parameter {jax.tree_util.keystr(path)} has no logical axis names; '
+                         'weight decay (and sharding) read them: create it with '
+                         'efflong.params.partitioned.')
     return is_kernel(names)
 
   return jax.tree_util.tree_map_with_path(decays, params,

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from efflong import errors
+
 MESH_AXES = ('data', 'fsdp', 'model')
 Rules = Sequence[tuple[str, Any]]
 
@@ -28,15 +30,17 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
   devices = list(jax.devices() if devices is None else devices)
   sizes = [cfg[a] for a in MESH_AXES]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, at most one -1.')
+    raise errors.Error(f'mesh {dict(zip(MESH_AXES, sizes))}: sizes must be positive, at most one '
+                       '-1.')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices.')
+      raise errors.Error(f'mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} '
+                         'devices.')
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) > len(devices):
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; '
-                     f'{len(devices)} available.')
+    raise errors.Error(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; '
+                       f'{len(devices)} available.')
   grid = np.asarray(devices[:math.prod(sizes)]).reshape(sizes)
   return Mesh(grid, MESH_AXES)
 
@@ -60,8 +64,9 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     for dim, axes in zip(leaf.shape, spec):
       size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
       if dim % size:
-        raise ValueError(f'{jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be sharded as '
-                         f'{spec} over mesh {dict(mesh.shape)}: {dim} is not divisible by {size}.')
+        raise errors.Error(f'{jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be sharded '
+                           f'as {spec} over mesh {dict(mesh.shape)}: {dim} is not divisible by '
+                           f'{size}.')
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(check, abstract_state, specs)

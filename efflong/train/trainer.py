@@ -21,7 +21,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from efflong import attention, models, tasks
+from efflong import attention, errors, models, tasks
 from efflong.train import optim, sharding
 from efflong.train.checkpoint import Checkpoints
 from efflong.train.metrics import Accumulator, Writer
@@ -70,7 +70,7 @@ def _micro_batches(batch: dict, n: int) -> dict:
   over the devices that hold the batch."""
   def split(x):
     if x.shape[0] % n:
-      raise ValueError(f'train.batch_size {x.shape[0]} is not divisible by grad_accum_steps {n}.')
+      raise errors.Error(f'train.batch_size {x.shape[0]} is not divisible by grad_accum_steps {n}.')
     return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
   return jax.tree.map(split, batch)
 
@@ -170,25 +170,25 @@ def check_memory(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
   m, mem_len, eval_mem_len = config.model, config.model.mem_len, config.eval.mem_len
   for name, value in (('model.mem_len', mem_len), ('eval.mem_len', eval_mem_len)):
     if value is not None and (not isinstance(value, int) or value < 0):
-      raise ValueError(f'{name}={value!r} must be an int >= 0 (0: no memory).')
+      raise errors.Error(f'{name}={value!r} must be an int >= 0 (0: no memory).')
   if not mem_len and not eval_mem_len:
     return
   if not getattr(task, 'contiguous_rows', False):
-    raise ValueError(f'a segment memory (model.mem_len={mem_len}, eval.mem_len={eval_mem_len}) '
-                     f'needs batch rows that are contiguous streams; task {config.task.name!r} '
-                     "has none (e.g. task 'bytes_lm' does).")
+    raise errors.Error(f'a segment memory (model.mem_len={mem_len}, eval.mem_len={eval_mem_len}) '
+                       f'needs batch rows that are contiguous streams; task {config.task.name!r} '
+                       "has none (e.g. task 'bytes_lm' does).")
   if m.kind != 'lm':
-    raise ValueError(f"a segment memory needs model.kind='lm'; got {m.kind!r}.")
+    raise errors.Error(f"a segment memory needs model.kind='lm'; got {m.kind!r}.")
   if not attention.get(m.attention).memory:
-    raise ValueError(f'a segment memory needs an attention family with relative positions; got '
-                     f'{m.attention!r}; valid: '
-                     f'{attention.names(memory=True)}.')
+    raise errors.Error(f'a segment memory needs an attention family with relative positions; got '
+                       f'{m.attention!r}; valid: '
+                       f'{attention.names(memory=True)}.')
   if m.positions != 'none':
-    raise ValueError(f"a segment memory needs model.positions='none' (relative positions only); "
-                     f'got {m.positions!r}.')
+    raise errors.Error(f"a segment memory needs model.positions='none' (relative positions only); "
+                       f'got {m.positions!r}.')
   if mem_len and config.train.grad_accum_steps > 1:
-    raise ValueError(f'model.mem_len={mem_len} needs train.grad_accum_steps=1 (each micro-batch '
-                     'would need its own memory rows).')
+    raise errors.Error(f'model.mem_len={mem_len} needs train.grad_accum_steps=1 (each micro-batch '
+                       'would need its own memory rows).')
 
 
 class _Interrupt:
@@ -308,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         sums, memories[prefix] = eval_step(state.params, state.model_state, batch,
                                            memories[prefix])
         accs[prefix].add(sums)
+    errors.raise_pending()
     return {k: v for prefix, acc in accs.items() for k, v in acc.means(prefix).items()}
 
   interrupt = _Interrupt()
@@ -331,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         continue
       # Fetch the pending steps in order: sums, and the first non-finite step, by name.
       fetched, pending = jax.device_get(pending), []
+      errors.raise_pending()  # an input check that failed inside these steps (errors.check)
       for s, m, sc in fetched:
         if not sc['finite']:
           if not cfg_t.skip_nonfinite:
