@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import jax
 
-from efflong import kernels
+from efflong import errors, kernels
 from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, lsh,
                                performer, relative, sparse)
 from efflong.mask import Mask
@@ -103,21 +103,21 @@ class Family:
     params = self.hyper_parameters()
     unknown = sorted(set(hyper) - set(params))
     if unknown:
-      raise TypeError(f'attention {self.name!r} got unknown keyword(s) {unknown}; it takes '
-                      f'{sorted(params)}.')
+      raise errors.KeywordError(f'attention {self.name!r} got unknown keyword(s) {unknown}; it '
+                                f'takes {sorted(params)}.')
     missing = sorted(name for name, (p, _) in params.items()
                      if p.default is inspect.Parameter.empty and hyper.get(name) is None)
     if missing:
-      raise ValueError(f'attention {self.name!r} needs {missing} set (model.attention_kw).')
+      raise errors.Error(f'attention {self.name!r} needs {missing} set (model.attention_kw).')
     why = f': {self.unsupported_why}' if self.unsupported_why else ''
     if causal and not self.causal:
-      raise ValueError(f'attention {self.name!r} does not support causal masking{why}.')
+      raise errors.Error(f'attention {self.name!r} does not support causal masking{why}.')
     if not causal and not self.bidirectional:
-      raise ValueError(f'attention {self.name!r} does not support bidirectional attention{why}.')
+      raise errors.Error(f'attention {self.name!r} does not support bidirectional attention{why}.')
     kernels.resolve(impl)  # A bad value, or 'pallas' where the kernels cannot run, stops here.
     if impl == 'pallas' and not self.pallas:
-      raise ValueError(f"attention {self.name!r} has no Pallas path (attention_impl='pallas'); "
-                       f'families with one: {names(pallas=True)}.')
+      raise errors.Error(f"attention {self.name!r} has no Pallas path (attention_impl='pallas'); "
+                         f'families with one: {names(pallas=True)}.')
     own = self._module_names()
     fixed = {k: v for k, v in hyper.items() if k not in own}
     if self.pallas:  # 'auto' is resolved by attend, which knows the kernel's tile.
@@ -142,7 +142,7 @@ _REGISTRY: dict[str, Family] = {}
 def register(family: Family) -> Family:
   """Adds a family to the registry; a name may be registered once."""
   if family.name in _REGISTRY:
-    raise ValueError(f'attention family {family.name!r} is already registered.')
+    raise errors.Error(f'attention family {family.name!r} is already registered.')
   _REGISTRY[family.name] = family
   return family
 
@@ -150,7 +150,7 @@ def register(family: Family) -> Family:
 def get(name: str) -> Family:
   """The family registered under name; an unknown name is an error listing the known ones."""
   if name not in _REGISTRY:
-    raise ValueError(f'unknown attention {name!r}; known: {sorted(_REGISTRY)}.')
+    raise errors.Error(f'unknown attention {name!r}; known: {sorted(_REGISTRY)}.')
   return _REGISTRY[name]
 
 

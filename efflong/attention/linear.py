@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from efflong import kernels
+from efflong import errors, kernels
 from efflong.attention import dense
 from efflong.kernels import linear_attention
 from efflong.mask import Mask
@@ -40,7 +40,7 @@ FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 def _check_chunk(chunk: int) -> None:
   if not isinstance(chunk, int) or chunk < 1:
-    raise ValueError(f'chunk={chunk!r} must be a positive integer.')
+    raise errors.Error(f'chunk={chunk!r} must be a positive integer.')
 
 
 def _group(x: jax.Array, kh: int) -> jax.Array:
@@ -125,8 +125,8 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
   qf = _group(qf.astype(jnp.float32), kh)
   kf, vf = kf.astype(jnp.float32), v.astype(jnp.float32)
   if mask.global_tokens is not None:
-    raise ValueError("kernel attention has no global tokens, but the mask (the batch field "
-                     "'global_tokens') sets some; use longformer or bigbird.")
+    raise errors.Error("kernel attention has no global tokens, but the mask (the batch field "
+                       "'global_tokens') sets some; use longformer or bigbird.")
   seg = mask.q_segment_ids
   if not mask.causal and seg is None and mask.kv_segment_ids is None:
     s = jnp.einsum('BSKM,BSKH->BKMH', kf, vf)
@@ -134,8 +134,8 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
     den = jnp.einsum('BTKGM,BSKM->BTKG', qf, kf)
   else:
     if kf.shape[1] != t or (seg is None) != (mask.kv_segment_ids is None):
-      raise ValueError('kernel attention with a causal mask or segment ids needs self-attention '
-                       f'(T == S, one segment id array); got T={t}, S={kf.shape[1]}.')
+      raise errors.Error('kernel attention with a causal mask or segment ids needs self-attention '
+                         f'(T == S, one segment id array); got T={t}, S={kf.shape[1]}.')
     seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
     prefix = linear_attention.prefix if impl == 'pallas' else _prefix
     num, den = prefix(qf, kf, vf, seg, chunk=chunk, strict=False)
@@ -165,7 +165,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, feature_map:
   """
   dense.check_shapes(q, k, v, mask)
   if feature_map not in FEATURE_MAPS:
-    raise ValueError(f'feature_map={feature_map!r}; valid: {sorted(FEATURE_MAPS)}.')
+    raise errors.Error(f'feature_map={feature_map!r}; valid: {sorted(FEATURE_MAPS)}.')
   phi = FEATURE_MAPS[feature_map]
   qf = phi(q.astype(jnp.float32))
   kf = phi(k.astype(jnp.float32))
