@@ -125,13 +125,18 @@ def family_kw(name: str, seq_len: int, *, num_heads: int) -> dict:
   }.get(name, {})
 
 
+# LSH that is exactly shared-QK attention with the self-mask: one chunk (bucket_size = T) in the
+# chunked form, every bucket visible.
+FULL = dict(n_hashes=1, attend_across_buckets=True, causal_band=False)
+
+
 def table2(c: ml_collections.ConfigDict, seq_len: int) -> None:
   """Reformer's Table 2 on c (attention='lsh'): every checkpoint is also evaluated with full
-  attention (eval/full/: one chunk, bucket_size = seq_len: exactly shared-QK attention with the
-  self-mask) and with n_hashes = 1, 2, 4, 8 at the trained bucket size (eval/lsh-<n>/)."""
+  attention (eval/full/: `FULL` with bucket_size = seq_len) and with n_hashes = 1, 2, 4, 8 at the
+  trained bucket size and the trained LSH settings (eval/lsh-<n>/)."""
   bucket_size = family_kw('lsh', seq_len, num_heads=c.model.num_heads)['bucket_size']
   c.train.steps = 4000
-  config_lib.add_eval_variant(c, 'full', bucket_size=seq_len, n_hashes=1)
+  config_lib.add_eval_variant(c, 'full', bucket_size=seq_len, **FULL)
   for n in TABLE2_HASHES:
     config_lib.add_eval_variant(c, f'lsh-{n}', bucket_size=bucket_size, n_hashes=n)
 
@@ -141,7 +146,8 @@ def get_sweep(arg: str = '') -> list[dict]:
   with `families` one point per attention family."""
   args = parse(arg)
   if args['table2']:  # the training rows: full attention (one chunk), then n_hashes = 1, 2, 4
-    return [{'model.attention_kw.bucket_size': args['seq_len']},
+    full = {f'model.attention_kw.{k}': v for k, v in FULL.items()}
+    return [{'model.attention_kw.bucket_size': args['seq_len'], **full},
             *({'model.attention_kw.n_hashes': n} for n in (1, 2, 4))]
   if args['families'] and args['fill']:
     return [*({'arg': f'attention={name}'} for name in ('dense', 'linear', 'performer')),

@@ -178,7 +178,7 @@ register(Family('longformer', longformer.attend, inputs=('global_qkv',),
                 module=longformer.global_projections))
 register(Family('strided', sparse.strided))
 register(Family('fixed', sparse.fixed))
-register(Family('bigbird', bigbird.attend))
+register(Family('bigbird', bigbird.attend, inputs=('layer',), module=bigbird.layer_index))
 register(Family('linear', linear.attend))
 register(Family('performer', performer.attend, inputs=('projection',),
                 module=performer.feature_matrix, before_step=performer.redraw))

@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from efflong import errors, kernels
 from efflong.attention import dense
@@ -50,7 +51,7 @@ def _group(x: jax.Array, kh: int) -> jax.Array:
 
 
 def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk: int,
-            strict: bool) -> tuple[jax.Array, jax.Array]:
+            strict: bool, key_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Causal numerator and denominator: sums over keys j <= i (j < i if strict) in i's run.
 
   Args:
@@ -60,6 +61,10 @@ def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk
     seg: [B, T] int segment ids, in contiguous runs.
     chunk: C.
     strict: leave out j == i.
+    key_scale: None, or s [B, T, K], non-decreasing along each run: key j's features are
+      exp(-s_j) times the true ones, and query i's sums are returned times exp(-s_i) (the pair
+      (i, j) is weighted by exp(s_j - s_i) <= 1; a running max keeps every term finite, as the
+      online softmax does). The common factor exp(-s_i) cancels in num / den.
   Returns:
     num [B, T, K, G, H] and den [B, T, K, G], float32.
   """
@@ -73,36 +78,46 @@ def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk
     return jnp.moveaxis(x.reshape(b, nc, chunk, *x.shape[2:]), 1, 0)
 
   # Padded positions get their own id (-1): they neither see nor are seen by real tokens.
-  xs = (to_chunks(qf), to_chunks(kf), to_chunks(v), to_chunks(seg, -1))
+  scale = jnp.zeros((b, t, kh), jnp.float32) if key_scale is None else key_scale
+  xs = (to_chunks(qf), to_chunks(kf), to_chunks(v), to_chunks(seg, -1), to_chunks(scale))
   tri = jnp.tril(jnp.ones((chunk, chunk), bool), -1 if strict else 0)
 
+  def rescale(ok: jax.Array, log: jax.Array) -> jax.Array:
+    """exp(log) where ok, else 0 (log is only meaningful where ok)."""
+    return jnp.where(ok, jnp.exp(jnp.where(ok, log, 0.0)), 0.0)
+
   def body(carry, x):
-    s, z, open_id = carry                                   # [B, K, M, H], [B, K, M], [B]
-    q_c, k_c, v_c, seg_c = x                                # [B, C, K, G, M], [B, C, K, M], ...
+    s, z, open_id, open_scale = carry               # [B, K, M, H], [B, K, M], [B], [B, K]
+    q_c, k_c, v_c, seg_c, sc_c = x                  # [B, C, K, G, M], [B, C, K, M], ..., [B, C, K]
     same = (seg_c[:, :, None] == seg_c[:, None, :]) & tri   # [B, C, C] query x key
-    a = jnp.einsum('BCKGM,BDKM->BKGCD', q_c, k_c) * same[:, None, None]
-    from_carry = (seg_c == open_id[:, None]).astype(jnp.float32)      # [B, C]
+    weight = rescale(same[:, None], jnp.moveaxis(sc_c, 2, 1)[:, :, None, :]
+                     - jnp.moveaxis(sc_c, 2, 1)[:, :, :, None])           # [B, K, C, D]
+    a = jnp.einsum('BCKGM,BDKM->BKGCD', q_c, k_c) * weight[:, :, None]
+    from_carry = rescale((seg_c == open_id[:, None])[..., None],
+                         open_scale[:, None] - sc_c)                       # [B, C, K]
     num = (jnp.einsum('BKGCD,BDKH->BCKGH', a, v_c)
-           + jnp.einsum('BCKGM,BKMH->BCKGH', q_c, s) * from_carry[:, :, None, None, None])
-    den = a.sum(-1).transpose(0, 3, 1, 2) + jnp.einsum('BCKGM,BKM->BCKG', q_c, z) * from_carry[
-        :, :, None, None]
-    # The run open at the chunk's end: its keys in this chunk, plus the carry if it continues it.
-    last = seg_c[:, -1]
-    in_last = (seg_c == last[:, None]).astype(jnp.float32)            # [B, C]
-    keep = (last == open_id).astype(jnp.float32)[:, None, None]
-    s = s * keep[..., None] + jnp.einsum('BCKM,BCKH,BC->BKMH', k_c, v_c, in_last)
-    z = z * keep + jnp.einsum('BCKM,BC->BKM', k_c, in_last)
-    return (s, z, last), (num, den)
+           + jnp.einsum('BCKGM,BKMH->BCKGH', q_c, s) * from_carry[..., None, None])
+    den = (a.sum(-1).transpose(0, 3, 1, 2)
+           + jnp.einsum('BCKGM,BKM->BCKG', q_c, z) * from_carry[..., None])
+    # The run open at the chunk's end: its keys in this chunk, plus the carry if it continues it,
+    # all brought to the scale of the chunk's last position.
+    last, last_scale = seg_c[:, -1], sc_c[:, -1]
+    in_last = rescale((seg_c == last[:, None])[..., None], sc_c - last_scale[:, None])  # [B, C, K]
+    keep = rescale((last == open_id)[:, None], open_scale - last_scale)               # [B, K]
+    s = s * keep[..., None, None] + jnp.einsum('BCKM,BCKH,BCK->BKMH', k_c, v_c, in_last)
+    z = z * keep[..., None] + jnp.einsum('BCKM,BCK->BKM', k_c, in_last)
+    return (s, z, last, last_scale), (num, den)
 
   init = (jnp.zeros((b, kh, m, h), jnp.float32), jnp.zeros((b, kh, m), jnp.float32),
-          jnp.full((b,), -2, seg.dtype))
+          jnp.full((b,), -2, seg.dtype), jnp.zeros((b, kh), jnp.float32))
   _, (num, den) = jax.lax.scan(body, init, xs)
   from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nc * chunk, *x.shape[3:])[:, :t]
   return from_chunks(num), from_chunks(den)
 
 
 def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
-                    chunk: int = 64, eps: float = EPS, impl: str = 'xla') -> jax.Array:
+                    chunk: int = 64, eps: float = EPS, key_scale: jax.Array | None = None,
+                    impl: str = 'xla') -> jax.Array:
   """out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps) over the keys query i sees.
 
   Args:
@@ -111,14 +126,27 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
     v: [B, S, K, H].
     mask: causal flag and segment ids (contiguous runs); causal or segmented needs T == S.
     chunk: C, tokens per chunk of the causal / segmented path (any C; T is padded).
-    eps: added to the denominator. 0 suits features that are positive up to a common scale (FAVOR+
-      with its stabiliser); a zero denominator then gives a zero output, never NaN.
+    eps: added to the denominator (at the features' own scale); a zero denominator gives a zero
+      output, never NaN.
+    key_scale: causal only: None, or a running log-scale s [B, S, K] of the key features (see
+      `_prefix`; FAVOR+'s running-max stabiliser). XLA only: impl='pallas' refuses it and 'auto'
+      takes XLA.
     impl: the causal / segmented prefix sums: 'xla' (the lax.scan twin) or 'pallas'
       (efflong.kernels.linear_attention).
   Returns:
     [B, T, N, H] float32.
   """
   _check_chunk(chunk)
+  if key_scale is not None:
+    if not mask.causal:
+      raise errors.Error('key_scale (a running log-scale of the keys) needs a causal mask.')
+    if impl == 'pallas':
+      raise errors.Error("a running key scale (performer, causal) has no Pallas path yet; use "
+                         "attention_impl='xla' or 'auto'.")
+    if kernels.resolve(impl) == 'pallas':
+      logging.log_first_n(logging.WARNING, 'kernel attention: the running key scale (performer, '
+                          'causal) runs in XLA, not the Pallas kernel.', 1)
+    impl = 'xla'
   impl = kernels.resolve(impl)
   b, t, n, _ = qf.shape
   kh = kf.shape[2]
@@ -137,8 +165,11 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
       raise errors.Error('kernel attention with a causal mask or segment ids needs self-attention '
                          f'(T == S, one segment id array); got T={t}, S={kf.shape[1]}.')
     seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
+    if impl == 'pallas':
+      num, den = linear_attention.prefix(qf, kf, vf, seg, chunk=chunk, strict=False)
+    else:
+      num, den = _prefix(qf, kf, vf, seg, chunk=chunk, strict=False, key_scale=key_scale)
     prefix = linear_attention.prefix if impl == 'pallas' else _prefix
-    num, den = prefix(qf, kf, vf, seg, chunk=chunk, strict=False)
     if not mask.causal:
       flip = lambda x: jnp.flip(x, axis=1)
       back_num, back_den = prefix(flip(qf), flip(kf), flip(vf), flip(seg), chunk=chunk,

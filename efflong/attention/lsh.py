@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from efflong import kernels
+from efflong import errors, kernels
 from efflong.kernels import flash_attention
 from efflong.mask import Mask, softmax
 
@@ -129,15 +129,15 @@ def default_buckets(length: int, bucket_size: int, head_dim: int) -> int:
 def check(n_hashes: int, bucket_size: int, n_buckets: int | None, **flags: bool) -> None:
   """Raises ValueError on a bad hyper-parameter (flags: the boolean ones, by name)."""
   if not isinstance(n_hashes, int) or n_hashes < 1:
-    raise ValueError(f'n_hashes={n_hashes!r} must be an int >= 1.')
+    raise errors.Error(f'n_hashes={n_hashes!r} must be an int >= 1.')
   if not isinstance(bucket_size, int) or bucket_size < 1:
-    raise ValueError(f'bucket_size={bucket_size!r} must be an int >= 1.')
+    raise errors.Error(f'bucket_size={bucket_size!r} must be an int >= 1.')
   if n_buckets is not None and (not isinstance(n_buckets, int) or n_buckets < 2 or n_buckets % 2):
-    raise ValueError(f'n_buckets={n_buckets!r} must be an even int >= 2 (or None: 2 T / '
-                     'bucket_size).')
+    raise errors.Error(f'n_buckets={n_buckets!r} must be an even int >= 2 (or None: 2 T / '
+                       'bucket_size).')
   for name, value in flags.items():
     if not isinstance(value, bool):
-      raise ValueError(f'{name}={value!r} must be True or False.')
+      raise errors.Error(f'{name}={value!r} must be True or False.')
 
 
 class Sorted(NamedTuple):
@@ -288,21 +288,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
         allow_duplicates=allow_duplicates, causal_band=causal_band)
   b, t, n, h = q.shape
   if k.shape != q.shape or v.shape[:2] != (b, t) or v.shape[3] != h or n % v.shape[2]:
-    raise ValueError(f'lsh attention is shared-QK self-attention: q and k [B, T, N, H], v '
-                     f'[B, T, K, H]; got q {q.shape}, k {k.shape}, v {v.shape}.')
+    raise errors.Error(f'lsh attention is shared-QK self-attention: q and k [B, T, N, H], v '
+                       f'[B, T, K, H]; got q {q.shape}, k {k.shape}, v {v.shape}.')
   mask.check(b, t, t)
   if mask.global_tokens is not None:
-    raise ValueError("lsh attention has no global tokens, but the mask (the batch field "
-                     "'global_tokens') sets some; use longformer or bigbird.")
+    raise errors.Error("lsh attention has no global tokens, but the mask (the batch field "
+                       "'global_tokens') sets some; use longformer or bigbird.")
   band = mask.causal and causal_band
   if band and attend_across_buckets:
-    raise ValueError('lsh causal_band=True needs attend_across_buckets=False: keys of other '
-                     'buckets among the previous sorted positions depend on future tokens; set '
-                     'causal_band=False for the chunked form.')
+    raise errors.Error('lsh causal_band=True needs attend_across_buckets=False: keys of other '
+                       'buckets among the previous sorted positions depend on future tokens; set '
+                       'causal_band=False for the chunked form.')
   dedup = n_hashes > 1 and not allow_duplicates
   if dedup and impl == 'pallas':
-    raise ValueError("lsh with n_hashes > 1 and allow_duplicates=False (the -log N_ij count) has "
-                     "no Pallas path; use attention_impl='xla' or 'auto', or allow_duplicates=True.")
+    raise errors.Error("lsh with n_hashes > 1 and allow_duplicates=False (the -log N_ij count) has "
+                       "no Pallas path; use attention_impl='xla' or 'auto', or "
+                       "allow_duplicates=True.")
   n_buckets = default_buckets(t, bucket_size, h) if n_buckets is None else n_buckets
   v = jnp.repeat(v, n // v.shape[2], axis=2)
   chunk = min(bucket_size, t)

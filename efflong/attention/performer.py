@@ -8,8 +8,18 @@ with x scaled by H^(-1/4) and the M rows w of W,
 and the kernelised formula of `linear.attend_features` (one core for both families, causal and not).
 Orthogonal random features (Sec. 2.4): W is built from blocks of H orthogonal rows (QR of a Gaussian
 matrix), each row rescaled to the norm of an H-dimensional Gaussian vector (chi distribution), which
-keeps each row's marginal and lowers the variance. A max is subtracted inside exp for stability:
-per query row for queries, one per (batch, head) for keys, so it cancels in the ratio.
+keeps each row's marginal and lowers the variance.
+
+Stabiliser: a max is subtracted inside exp, per row for queries (it cancels in each query's ratio)
+and, for keys, over only the keys a query may combine them with (`key_features`): the key's own
+segment bidirectionally, the running max up to the key when causal (rescaled as the prefix sums
+advance, like the online softmax). The reference implementations (the authors' and
+performer-pytorch) take one max over all keys, future keys and other packed sequences included,
+which can underflow every key a query sees and leave it a silent zero row (tests/attention/
+test_performer.py builds such rows). No epsilon is added to softmax features (see `attend`).
+
+`redraw_every` defaults to 0: the features are drawn once per layer and kept (saved with the
+checkpoints). The paper redraws them periodically during training; set e.g. redraw_every=1000.
 
 The feature matrix W [M, H] is a non-trainable variable of `FeatureMatrix`, the family's module; the
 trainer redraws it every `redraw_every` steps (`redraw`), and it is saved with the checkpoints.
@@ -23,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efflong import errors
 from efflong.attention import dense, linear
 from efflong.mask import Mask
 
@@ -32,28 +43,71 @@ KERNELS = ('softmax', 'relu')
 def draw(key: jax.Array, nb_features: int, head_dim: int, *, orthogonal: bool) -> jax.Array:
   """W [M, H]: iid N(0, I) rows, or orthogonal blocks of H rows with chi-distributed norms."""
   if not isinstance(nb_features, int) or nb_features < 1:
-    raise ValueError(f'nb_features={nb_features!r} must be a positive integer.')
+    raise errors.Error(f'nb_features={nb_features!r} must be a positive integer.')
   gauss_key, norm_key = jax.random.split(key)
   if not orthogonal:
     return jax.random.normal(gauss_key, (nb_features, head_dim), jnp.float32)
   blocks = -(-nb_features // head_dim)
   gauss = jax.random.normal(gauss_key, (blocks, head_dim, head_dim), jnp.float32)
-  rows = jnp.swapaxes(jnp.linalg.qr(gauss)[0], 1, 2).reshape(blocks * head_dim, head_dim)
+  q, r = jnp.linalg.qr(gauss)
+  # Q times the signs of diag(R) is Haar-distributed (Mezzadri 2007); Q alone is not: its rows
+  # lean towards one direction, and E[exp(w . a)] drifts from exp(|a|^2 / 2).
+  q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+  rows = jnp.swapaxes(q, 1, 2).reshape(blocks * head_dim, head_dim)
   norms = jnp.linalg.norm(jax.random.normal(norm_key, (nb_features, head_dim), jnp.float32), axis=1)
   return rows[:nb_features] * norms[:, None]
 
 
-def features(x: jax.Array, w: jax.Array, *, kernel: str, is_query: bool) -> jax.Array:
-  """phi(x) [B, T, N, M] for x [B, T, N, H] and W [M, H]."""
-  m, h = w.shape
-  x = x.astype(jnp.float32) * h ** -0.25
-  proj = jnp.einsum('BTNH,MH->BTNM', x, w)
+def _exponents(x: jax.Array, w: jax.Array) -> jax.Array:
+  """W x - |x|^2 / 2 [B, T, N, M] for x [B, T, N, H] scaled by H^(-1/4), W [M, H]."""
+  x = x.astype(jnp.float32) * w.shape[1] ** -0.25
+  return jnp.einsum('BTNH,MH->BTNM', x, w) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+
+
+def query_features(q: jax.Array, w: jax.Array, *, kernel: str) -> jax.Array:
+  """phi(q) [B, T, N, M] for q [B, T, N, H]; softmax features stabilised per row (a factor that
+  cancels in each query's ratio)."""
+  m = w.shape[0]
   if kernel == 'relu':
-    return jax.nn.relu(proj) * m ** -0.5
-  logits = proj - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
-  axes = (-1,) if is_query else (1, -1)
-  peak = jax.lax.stop_gradient(jnp.max(logits, axis=axes, keepdims=True))
-  return jnp.exp(logits - peak) * m ** -0.5
+    return jax.nn.relu(jnp.einsum('BTNH,MH->BTNM', q.astype(jnp.float32) * w.shape[1] ** -0.25,
+                                  w)) * m ** -0.5
+  e = _exponents(q, w)
+  return jnp.exp(e - jax.lax.stop_gradient(jnp.max(e, axis=-1, keepdims=True))) * m ** -0.5
+
+
+def _run_max(x: jax.Array, seg: jax.Array, *, causal: bool) -> jax.Array:
+  """x [B, S, K] -> the max over each position's run of equal ids seg [B, S] (contiguous runs):
+  over the run's positions up to and including it (causal), or over the whole run."""
+  ids = jnp.broadcast_to(seg[..., None], x.shape)
+
+  def combine(a, b):   # A segmented max scan: a run restarts the max.
+    (va, ia), (vb, ib) = a, b
+    return jnp.where(ia == ib, jnp.maximum(va, vb), vb), ib
+
+  forward, _ = jax.lax.associative_scan(combine, (x, ids), axis=1)
+  if causal:
+    return forward
+  backward, _ = jax.lax.associative_scan(combine, (forward, ids), axis=1, reverse=True)
+  return backward
+
+
+def key_features(k: jax.Array, w: jax.Array, *, kernel: str, mask: Mask
+                 ) -> tuple[jax.Array, jax.Array | None]:
+  """phi(k) [B, S, K, M] for k [B, S, K, H], and the running log-scale of a causal mask (or None).
+
+  The softmax features are stabilised by a max that sees only keys a query may combine them with:
+  the max over the key's own run (segment) bidirectionally, a constant that cancels in the ratio;
+  under a causal mask the running max up to the key (`linear._prefix`'s key_scale), so no future
+  key and no other packed sequence can shrink a visible key's features to zero.
+  """
+  m = w.shape[0]
+  if kernel == 'relu':
+    return query_features(k, w, kernel=kernel), None
+  e = _exponents(k, w)
+  seg = mask.kv_segment_ids
+  seg = jnp.zeros(k.shape[:2], jnp.int32) if seg is None else seg
+  scale = jax.lax.stop_gradient(_run_max(jnp.max(e, axis=-1), seg, causal=mask.causal))
+  return jnp.exp(e - scale[..., None]) * m ** -0.5, scale if mask.causal else None
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, projection: jax.Array,
@@ -67,20 +121,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, projection: 
     projection: W [M, H], from `FeatureMatrix` (or `draw`).
     kernel: 'softmax' (positive random features) or 'relu' (the generalised ReLU kernel).
     chunk: C of the chunked prefix sums.
-    impl: 'xla' (the lax.scan twin) or 'pallas' (efflong.kernels.linear_attention).
+    impl: 'xla' (the lax.scan twin) or 'pallas' (efflong.kernels.linear_attention); causal
+      softmax features carry a running scale, which only XLA takes ('auto' takes XLA there).
   Returns:
     [B, T, N, H].
   """
   dense.check_shapes(q, k, v, mask)
   if kernel not in KERNELS:
-    raise ValueError(f'kernel={kernel!r}; valid: {list(KERNELS)}.')
+    raise errors.Error(f'kernel={kernel!r}; valid: {list(KERNELS)}.')
   if projection.ndim != 2 or projection.shape[1] != q.shape[-1]:
-    raise ValueError(f'projection has shape {projection.shape}; expected [M, H={q.shape[-1]}].')
-  qf = features(q, projection, kernel=kernel, is_query=True)
-  kf = features(k, projection, kernel=kernel, is_query=False)
-  eps = linear.EPS if kernel == 'relu' else 0.0   # The stabiliser's scale would make EPS matter.
-  return linear.attend_features(qf, kf, v, mask=mask, chunk=chunk, eps=eps,
-                               impl=impl).astype(q.dtype)
+    raise errors.Error(f'projection has shape {projection.shape}; expected [M, H={q.shape[-1]}].')
+  qf = query_features(q, projection, kernel=kernel)
+  kf, scale = key_features(k, projection, kernel=kernel, mask=mask)
+  # No denominator epsilon for softmax features: each query row's and each key run's largest
+  # feature is 1 / sqrt(M), but they may sit on different features, so phi(q)^T z can be far
+  # below any fixed epsilon, which would then bias the output (up to 0.4% in
+  # tests/attention/test_performer.py with 1e-6). A zero denominator gives zeros, never NaN.
+  eps = linear.EPS if kernel == 'relu' else 0.0
+  return linear.attend_features(qf, kf, v, mask=mask, chunk=chunk, eps=eps, key_scale=scale,
+                                impl=impl).astype(q.dtype)
 
 
 class RandomFeatures(nnx.Variable):
@@ -93,7 +152,7 @@ class FeatureMatrix(nnx.Module):
   def __init__(self, *, nb_features: int, orthogonal: bool, redraw_every: int, head_dim: int,
                rngs: nnx.Rngs):
     if not isinstance(redraw_every, int) or redraw_every < 0:
-      raise ValueError(f'redraw_every={redraw_every!r} must be an int >= 0 (0: never).')
+      raise errors.Error(f'redraw_every={redraw_every!r} must be an int >= 0 (0: never).')
     self.nb_features, self.head_dim, self.orthogonal = nb_features, head_dim, orthogonal
     self.redraw_every = redraw_every
     self.projection = RandomFeatures(draw(rngs.params(), nb_features, head_dim,

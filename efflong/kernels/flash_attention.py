@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from efflong import kernels
+from efflong import errors, kernels
 from efflong.mask import NEG_INF, Mask, Pattern
 
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -116,33 +116,33 @@ def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, spec: Spec, positions
                  ) -> None:
   """One-line ValueErrors for what the kernels cannot take (see `attend_slots` for the shapes)."""
   if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in DTYPES:
-    raise ValueError(f'Pallas attention takes float32 or bfloat16 q, k, v of one dtype; got '
-                     f'{q.dtype}, {k.dtype}, {v.dtype}.')
+    raise errors.Error(f'Pallas attention takes float32 or bfloat16 q, k, v of one dtype; got '
+                       f'{q.dtype}, {k.dtype}, {v.dtype}.')
   b, tp, n, h = q.shape
   if k.ndim != 4 or k.shape != v.shape or (k.shape[0], k.shape[3]) != (b, h):
-    raise ValueError(f'Pallas attention: k and v must be [B={b}, S, K, H={h}]; got k {k.shape}, '
-                     f'v {v.shape}.')
+    raise errors.Error(f'Pallas attention: k and v must be [B={b}, S, K, H={h}]; got k {k.shape}, '
+                       f'v {v.shape}.')
   sp, kh = k.shape[1], k.shape[2]
   if n % kh:
-    raise ValueError(f'Pallas attention: key/value heads K={kh} must divide query heads N={n}; '
-                     f'valid K: {[d for d in range(1, n + 1) if n % d == 0]}.')
+    raise errors.Error(f'Pallas attention: key/value heads K={kh} must divide query heads N={n}; '
+                       f'valid K: {[d for d in range(1, n + 1) if n % d == 0]}.')
   c = spec.block
   if not spec.interpret and c != kernels.pow2(c, 16):
-    raise ValueError(f"Pallas attention on the GPU needs a tile (the family's block or "
-                     f'bucket_size) that is a power of two >= 16; got {c}.')
+    raise errors.Error(f"Pallas attention on the GPU needs a tile (the family's block or "
+                       f'bucket_size) that is a power of two >= 16; got {c}.')
   lh, nq, nv = spec.blocks.shape
   if tp != nq * c or sp % c or lh not in (1, n) or spec.blocks.max(initial=0) * c >= sp:
-    raise ValueError(f'layout [L={lh}, {nq}, {nv}] x block {c} does not fit q {q.shape} and k '
-                     f'{k.shape}: it needs T = {nq * c}, S a multiple of {c} above '
-                     f'{spec.blocks.max(initial=0) * c}, L = 1 or {n}.')
+    raise errors.Error(f'layout [L={lh}, {nq}, {nv}] x block {c} does not fit q {q.shape} and k '
+                       f'{k.shape}: it needs T = {nq * c}, S a multiple of {c} above '
+                       f'{spec.blocks.max(initial=0) * c}, L = 1 or {n}.')
   if (positions['q_seg'] is None) != (positions['k_seg'] is None):
-    raise ValueError('Pallas attention needs both q_seg and k_seg, or neither.')
+    raise errors.Error('Pallas attention needs both q_seg and k_seg, or neither.')
   for name, x in positions.items():
     length, heads = (tp, n) if name.startswith('q') else (sp, kh)
     if x is not None and (x.ndim != 3 or x.shape[0] not in (1, b) or x.shape[1] not in (1, heads)
                           or x.shape[2] != length):
-      raise ValueError(f'Pallas attention: {name} has shape {tuple(x.shape)}; expected '
-                       f'[1 or {b}, 1 or {heads}, {length}].')
+      raise errors.Error(f'Pallas attention: {name} has shape {tuple(x.shape)}; expected '
+                         f'[1 or {b}, 1 or {heads}, {length}].')
 
 
 # ----------------------------------------------------------------------------- the in-tile math

@@ -46,7 +46,12 @@ CASES = {
                               None),
     'bigbird': (bigbird.attend, dict(window=1, random_blocks=1, global_tokens=2, block=16), True,
                 'packed'),
-    'lsh': (lsh.attend, dict(n_hashes=2, bucket_size=8, rng=jax.random.key(3)), True, 'packed'),
+    # LSH: the causal band with its bucket ids (the -log N_ij count has no kernel: duplicates on).
+    'lsh': (lsh.attend, dict(n_hashes=2, bucket_size=8, allow_duplicates=True,
+                             rng=jax.random.key(3)), True, 'packed'),
+    'lsh-chunked-across-buckets': (lsh.attend, dict(
+        n_hashes=2, bucket_size=8, allow_duplicates=True, attend_across_buckets=True,
+        causal_band=False, rng=jax.random.key(5)), True, 'packed'),
     'lsh-bidirectional': (lsh.attend, dict(n_hashes=1, bucket_size=16, rng=jax.random.key(4)),
                           False, 'pad'),
 }

@@ -38,7 +38,8 @@ CASES = {
     'bigbird-per-head': (functools.partial(bigbird.attend, mask=Mask(causal=False), window=1,
                                            random_blocks=1, block=32), 64, 2),
     'lsh': (functools.partial(lsh.attend, mask=Mask.from_segments(SEG, causal=True),
-                              rng=jax.random.key(0), n_hashes=2, bucket_size=32), 64, 4),
+                              rng=jax.random.key(0), n_hashes=2, bucket_size=32,
+                              allow_duplicates=True), 64, 4),
 }
 
 

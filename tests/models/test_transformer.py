@@ -542,13 +542,13 @@ def family_model(name: str, kind: str = 'lm', **attention_kw) -> nnx.Module:
 @pytest.mark.parametrize('name', [n for n in attention.names()
                                   if n != 'dense' and attention.get(n).causal])
 def test_every_family_builds_from_config_alone_and_stays_causal(name):
-  """configs/duplication.py:attention=<name> gives a causal lm; only longformer, performer, lsh and
-  xl own a family module (global projections, the feature matrix, the hashing key, W_R / u / v). lsh runs with
-  one chunk here: with several, a future token's bucket moves the chunk boundaries of the sort (see
-  efflong/attention/lsh.py); tests/attention/test_lsh.py probes that no weight reaches the future."""
-  model = family_model(name, **({'bucket_size': T} if name == 'lsh' else {}))
+  """configs/duplication.py:attention=<name> gives a causal lm; only longformer, bigbird, performer,
+  lsh and xl own a family module (global projections, the layer index, the feature matrix, the
+  hashing key, W_R / u / v).
+  lsh runs its default causal band form with several chunks (bucket_size 2 at T = 8)."""
+  model = family_model(name, **({'bucket_size': 2} if name == 'lsh' else {}))
   projections = [path for path, _ in nnx.iter_graph(model) if 'family_module' in path]
-  assert bool(projections) == (name in ('longformer', 'performer', 'lsh', 'xl')), projections
+  assert bool(projections) == (name in ('longformer', 'bigbird', 'performer', 'lsh', 'xl'))
   base = tokens()[0]
   out = run(model, inputs=variants(base, (0, T // 2)))
   assert moved(out, 1)[:T // 2].max() < ATOL and moved(out, 1)[T // 2] > MOVED
@@ -566,6 +566,15 @@ def test_linformer_encoder_builds_from_config_and_refuses_the_lm(share):
   assert moved(out, 0).min() > MOVED
   with pytest.raises(ValueError, match="'linformer' does not support causal masking: its proj"):
     family_model('linformer', k=4)
+
+
+def test_lsh_chunked_form_lets_future_tokens_move_past_outputs():
+  """The model-level probe of test_every_family_builds_from_config_alone_and_stays_causal fails for
+  LSH's chunked form (causal_band=False): changing later tokens re-sorts the buckets and moves the
+  chunk boundaries, so earlier outputs move (the band form, the default, passes it)."""
+  model = family_model('lsh', bucket_size=2, causal_band=False, attend_across_buckets=True)
+  out = run(model, inputs=variants(tokens()[0], range(T // 2, T)))
+  assert max(moved(out, i)[:T // 2].max() for i in range(T // 2)) > MOVED
 
 
 def test_lsh_layers_share_queries_and_keys_and_get_fresh_hash_keys_each_step():

@@ -96,15 +96,20 @@ def test_smoke_sweep_then_rerun_skips(tmp_path):
 def test_table2_config_and_sweep():
   """Reformer's Table 2: the four training rows, and the five evaluations of each checkpoint."""
   module = load_config_module('duplication')
-  assert module.get_sweep('table2') == [{'model.attention_kw.bucket_size': 64},
+  full = {'model.attention_kw.n_hashes': 1, 'model.attention_kw.attend_across_buckets': True,
+          'model.attention_kw.causal_band': False}
+  assert module.get_sweep('table2') == [{'model.attention_kw.bucket_size': 64, **full},
                                         *({'model.attention_kw.n_hashes': n} for n in (1, 2, 4))]
   c = module.get_config('table2')
   assert (c.model.attention, c.model.attention_kw.bucket_size) == ('lsh', 8)
-  assert {name: (v.bucket_size, v.n_hashes) for name, v in c.eval.variants.items()} == {
-      'full': (64, 1), 'lsh-1': (8, 1), 'lsh-2': (8, 2), 'lsh-4': (8, 4), 'lsh-8': (8, 8)}
+  assert {name: (v.bucket_size, v.n_hashes, v.attend_across_buckets, v.causal_band)
+          for name, v in c.eval.variants.items()} == {
+      'full': (64, 1, True, False), **{f'lsh-{n}': (8, n, None, None) for n in (1, 2, 4, 8)}}
+  assert (c.model.attention_kw.attend_across_buckets, c.model.attention_kw.causal_band) == (
+      False, True)   # the lsh-n evaluations inherit (None) the trained paper settings
   paper = module.get_config('table2,paper')
   m = paper.model
   assert (paper.task.seq_len, paper.task.vocab_size, m.num_layers, m.d_model, m.d_ff, m.num_heads,
           paper.train.steps) == (1024, 128, 1, 256, 256, 4, 150_000)
   assert paper.eval.variants['full'].bucket_size == 1024
-  assert module.get_sweep('table2,paper')[0] == {'model.attention_kw.bucket_size': 1024}
+  assert module.get_sweep('table2,paper')[0] == {'model.attention_kw.bucket_size': 1024, **full}
