@@ -17,8 +17,15 @@ Which keys a query sees in a round (its window), with the paper's defaults:
   the original order, so these are its C most recent same-bucket keys, which no future token can
   change: the output at t depends on tokens <= t only. The chunked form is not causal in that
   sense: a future token's bucket moves the chunk boundaries and so which past keys share a query's
-  chunk. Measured by `./launch.sh bench lsh_causality` (experiments/results/lsh_causality_cpu.md):
-  LEAK_NUMBERS. Both forms cost O(T * C * R): the band is a chunk and its predecessor, band-masked.
+  chunk. Measured by `./launch.sh bench lsh_causality` (experiments/results/lsh_causality_cpu.md;
+  attention alone at T = 512, bucket_size 32, 2 rounds, and the duplication LM at T = 64): with
+  every bucket visible (attend_across_buckets=True, efflong's form before 2026-12) replacing the
+  tokens after t moves the outputs at 98% of the positions <= t, by up to 1.3x the largest output
+  (the model's logits: 94%, up to 0.46x); with the paper's same-bucket mask it moves none at
+  T = 512 (buckets there hold fewer keys than a chunk, so all of a query's past same-bucket keys
+  stay within reach) but still 3% of the model's positions, by up to 0.04x; the band moves
+  nothing (float rounding, below 1e-6). Both forms cost O(T * C * R): the band is a chunk and its
+  predecessor, band-masked.
 
 Across rounds (appendix, "multi-round LSH attention"): each round's attention gives out_r and its
 log-sum-exp lse_r; out = sum_r exp(lse_r - lse) out_r with lse = logsumexp_r lse_r. With
