@@ -9,8 +9,8 @@ key position S - T + t (the layout of decoding with a cache or a memory of S - T
 
 `softmax` is what a mask does to logits, shared by every family's softmax and its kernels' twins.
 
-A leaf: it imports nothing of efflong, so that efflong.kernels and efflong.attention both build
-on it without importing each other.
+A leaf: it imports nothing of efflong but efflong.errors, so that efflong.kernels and
+efflong.attention both build on it without importing each other.
 """
 
 from __future__ import annotations

@@ -83,8 +83,9 @@ def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk
   tri = jnp.tril(jnp.ones((chunk, chunk), bool), -1 if strict else 0)
 
   def rescale(ok: jax.Array, log: jax.Array) -> jax.Array:
-    """exp(log) where ok, else 0 (log is only meaningful where ok)."""
-    return jnp.where(ok, jnp.exp(jnp.where(ok, log, 0.0)), 0.0)
+    """exp(log) where ok, else 0. A true log is <= 0 (the scale grows along a run); the clamp
+    keeps an id that recurs after a gap (padding between packed sequences) finite."""
+    return jnp.where(ok, jnp.exp(jnp.minimum(jnp.where(ok, log, 0.0), 0.0)), 0.0)
 
   def body(carry, x):
     s, z, open_id, open_scale = carry               # [B, K, M, H], [B, K, M], [B], [B, K]

@@ -332,7 +332,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
   rot = rotations(rng, num_heads=n, n_hashes=n_hashes, head_dim=h, n_buckets=n_buckets)
   bucket = buckets(k, rot, n_buckets)                                 # [B, N, R, T]
   pos = jnp.arange(padded, dtype=jnp.int32)
-  perm = jnp.argsort(bucket * padded + pos, axis=-1).astype(jnp.int32)
+  # Stable: ties (a bucket) keep the position order. (A key bucket * T + position would overflow
+  # int32 past T ~ 2^15.5 * sqrt(bucket_size).)
+  perm = jnp.argsort(bucket, axis=-1, stable=True).astype(jnp.int32)
   inverse = jnp.argsort(perm, axis=-1).astype(jnp.int32)
   heads = lambda x: jnp.broadcast_to(jnp.moveaxis(x, 2, 1)[:, :, None],
                                      (b, n, n_hashes, padded, h))  # [B, T, N, H] -> [B, N, R, T, H]

@@ -91,3 +91,15 @@ def test_another_packed_sequence_does_not_set_the_scale(causal):
   out = performer.attend(q, k, v, mask=mask, projection=w, chunk=4)
   allowed = np.asarray(mask.materialize(T, T))
   close(out[:, :T // 2], reference(q, k, v, w, allowed)[:, :T // 2], 'sequence 1', rtol=1e-4)
+
+
+def test_padding_between_packed_sequences_stays_finite():
+  """Pad id 0 recurs after a gap (before and after sequence 2); the keys before the gap are far
+  larger, so the scale drops between two runs of one id: every output stays finite."""
+  q, _, v, w = _inputs(seed=3)
+  seg = jnp.asarray([[1, 1, 1, 0, 0, 0, 2, 2, 2, 0, 0, 0]], jnp.int32)
+  k = jnp.where(jnp.arange(T)[None, :, None, None] < 6, _aligned(w), _far(3)[None, :, None])
+  for causal in (True, False):
+    out = performer.attend(q, k, v, mask=Mask.from_segments(seg, causal=causal), projection=w,
+                           chunk=T)
+    assert np.isfinite(np.asarray(out)).all()
