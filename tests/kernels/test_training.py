@@ -10,7 +10,8 @@ from tests.train.test_trainer import losses
 
 # LSH: the kernel behind a sort, in a model with its hash reseeding; the block-sparse families' model
 # path is the same layer code (tests/kernels/test_flash_attention.py checks each family's kernel).
-@pytest.mark.parametrize('attention,attention_kw', [('lsh', dict(bucket_size=16))])
+@pytest.mark.parametrize('attention,attention_kw', [
+    ('lsh', dict(bucket_size=16, allow_duplicates=True))])   # the -log N_ij count has no kernel
 def test_pallas_training_equals_xla(tmp_path, attention, attention_kw):
   """Three steps of the duplication smoke config (8 devices, data parallel), both impls."""
   runs = {}
