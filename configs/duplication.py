@@ -35,9 +35,9 @@ Sweeps (`./launch.sh sweep --config=configs/duplication.py:<arg>`):
     near chance on the copy (0.009); strided (stride L/2) and longformer (window 4, half the heads
     dilated by L/2 - 1) copy like dense (0.9997, 1.0); bigbird (block 8, 2 random blocks) copies
     (1.0); fixed (block L/2, summary 4) only partly (0.20): 4 summary positions carry the first half;
-    linear and performer see everything but copy only partly in 1500 steps (about 0.9 and under
-    0.6, read off the plot in duplication_families.png): kernel attention cannot peak as sharply
-    as softmax.
+    linear and performer see everything but copy only partly in 1500 steps (linear about 0.9, read
+    off the plot in duplication_families.png; performer 0.70): kernel attention cannot peak as
+    sharply as softmax.
   families,fill: the bidirectional variant for dense, linear, performer and linformer with k = L/32,
     L/8, L. Expected (experiments/results/duplication_fill.md): dense, linformer k = 8 and 64 copy
     (1.0); linformer k = 2 cannot (0.59: 4 heads x 2 projected keys < 31 symbols); linear 0.998;

@@ -44,6 +44,14 @@ def write(out: str, text: str, rows: list[dict[str, Any]]) -> pathlib.Path:
   return path
 
 
+def emit(out: str | None, lines: list[str], rows: list[dict[str, Any]]) -> None:
+  """Prints the report's markdown lines and, when out is given, writes <out>.md and <out>.json."""
+  text = '\n'.join(lines) + '\n'
+  print(text)
+  if out:
+    write(out, text, rows)
+
+
 def header(device: str) -> list[str]:
   """Markdown bullet lines: date, command, machine, device and versions."""
   return [

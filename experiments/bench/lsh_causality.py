@@ -102,10 +102,7 @@ def main(argv: list[str]) -> None:
            '|---|---|---:|---:|']
   lines += [f'| {r["form"]} | {r["level"]} | {r["moved"]:.1%} | {r["largest_move"]:.3g} |'
             for r in rows]
-  text = '\n'.join(lines) + '\n'
-  print(text)
-  if _OUT.value:
-    benchlib.write(_OUT.value, text, rows)
+  benchlib.emit(_OUT.value, lines, rows)
 
 
 if __name__ == '__main__':

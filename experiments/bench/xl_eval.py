@@ -124,10 +124,7 @@ def main(argv: list[str]) -> None:
   for r in rows:
     lines.append(f'| {r["context"]} | {r["mem_len"]} | {r["xl_tokens_per_s"]:,.0f} | '
                  f'{r["vanilla_tokens_per_s"]:,.1f} | {r["speedup"]:,.0f}x |')
-  text = '\n'.join(lines) + '\n'
-  print(text)
-  if _OUT.value:
-    benchlib.write(_OUT.value, text, rows)
+  benchlib.emit(_OUT.value, lines, rows)
 
 
 if __name__ == '__main__':

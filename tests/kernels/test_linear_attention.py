@@ -68,13 +68,27 @@ def test_linear_attend_pallas_equals_xla_gqa_packed():
     close(g, w, f'd{what}')
 
 
-def test_performer_causal_pallas_equals_xla():
+@pytest.mark.parametrize('kernel,causal', [('relu', True), ('softmax', False)])
+def test_performer_pallas_equals_xla(kernel, causal):
+  """The prefix sums performer hands the kernel: causal relu features, and the causal plus
+  reversed passes of packed bidirectional softmax features (a constant scale per sequence)."""
   q, k, v = arrays((B, T, 2, 8), (B, T, 2, 8), (B, T, 2, 8), seed=3)
   w = performer.draw(jax.random.key(0), 16, 8, orthogonal=True)
-  mask = Mask(causal=True)
-  fn = jax.jit(lambda impl: performer.attend(q, k, v, mask=mask, projection=w, chunk=CHUNK,
-                                              impl=impl), static_argnums=0)
+  mask = Mask.from_segments(segments('packed', B, T), causal=causal)
+  fn = jax.jit(lambda impl: performer.attend(q, k, v, mask=mask, projection=w, kernel=kernel,
+                                              chunk=CHUNK, impl=impl), static_argnums=0)
   close(fn('pallas'), fn('xla'), 'out')
+
+
+def test_causal_softmax_performer_refuses_pallas_in_one_line():
+  """Its running key scale (the causal-safe stabiliser) is XLA only; 'auto' takes XLA."""
+  q = jnp.ones((1, 6, 2, 4))
+  call = lambda impl: performer.attend(q, q, q, mask=Mask(causal=True),
+                                       projection=jnp.ones((4, 4)), impl=impl)
+  with pytest.raises(ValueError, match='running key scale .* has no Pallas path') as info:
+    call('pallas')
+  assert '\n' not in str(info.value)
+  close(call('auto'), call('xla'), 'auto')
 
 
 @pytest.mark.parametrize('family', ['linear', 'performer'])
