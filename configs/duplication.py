@@ -41,7 +41,7 @@ Sweeps (`./launch.sh sweep --config=configs/duplication.py:<arg>`):
   families,fill: the bidirectional variant for dense, linear, performer and linformer with k = L/32,
     L/8, L. Expected (experiments/results/duplication_fill.md): dense, linformer k = 8 and 64 copy
     (1.0); linformer k = 2 cannot (0.59: 4 heads x 2 projected keys < 31 symbols); linear 0.998;
-    performer 0.78.
+    performer 0.9999 (re-run with Haar feature rows; 0.78 before).
   table2: trains full attention (lsh with one chunk: shared-QK attention), lsh-1, lsh-2 and lsh-4
     at seq_len 64, 2 layers (experiments/results/duplication.md has the 4 x 5 table beside the
     paper's). For the paper's scale: `--config=configs/duplication.py:table2,paper`.

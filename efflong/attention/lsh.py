@@ -21,9 +21,9 @@ Which keys a query sees in a round (its window), with the paper's defaults:
   attention alone at T = 512, bucket_size 32, 2 rounds, and the duplication LM at T = 64): with
   every bucket visible (attend_across_buckets=True, efflong's form before 2026-12) replacing the
   tokens after t moves the outputs at 98% of the positions <= t, by up to 1.3x the largest output
-  (the model's logits: 94%, up to 0.46x); with the paper's same-bucket mask it moves none at
+  (the model's logits: 96%, up to 0.49x); with the paper's same-bucket mask it moves none at
   T = 512 (buckets there hold fewer keys than a chunk, so all of a query's past same-bucket keys
-  stay within reach) but still 3% of the model's positions, by up to 0.04x; the band moves
+  stay within reach) but still 24% of the model's positions, by up to 0.06x; the band moves
   nothing (float rounding, below 1e-6). Both forms cost O(T * C * R): the band is a chunk and its
   predecessor, band-masked.
 
