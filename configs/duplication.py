@@ -7,8 +7,8 @@ that a dense model learns in minutes, and `seq_len=...` scales it up.
 Command (the default experiment of ./launch.sh: LSH attention):
   python -m efflong.main --config=configs/duplication.py:attention=lsh --workdir=runs/duplication
 Expected on a 2-core CPU: eval/accuracy 0.992 (second-half token accuracy, trained with 2 hash
-rounds and evaluated with 4; 0.75 of sequences copied whole) after 4000 steps, in 12 minutes with
-other trainings sharing the cores (experiments/results/duplication_default.md). With dense attention (no `attention=`): 0.9996 after
+rounds and evaluated with 4; 0.75 of sequences copied whole) after 4000 steps, in 7 min 13 s
+(experiments/results/duplication_default.md). With dense attention (no `attention=`): 0.9996 after
 1500 steps, in 2 min 37 s on a shared 2-core CPU (experiments/results/duplication_dense.md).
 
 Arguments (comma separated, e.g. `configs/duplication.py:attention=dense,seq_len=256,smoke`):
