@@ -83,8 +83,11 @@ def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk
   tri = jnp.tril(jnp.ones((chunk, chunk), bool), -1 if strict else 0)
 
   def rescale(ok: jax.Array, log: jax.Array) -> jax.Array:
-    """exp(log) where ok, else 0. A true log is <= 0 (the scale grows along a run); the clamp
-    keeps an id that recurs after a gap (padding between packed sequences) finite."""
+    """exp(log) where ok, else 0 (just ok without a key scale: XLA drops the unused log). A true
+    log is <= 0 (the scale grows along a run); the clamp keeps an id that recurs after a gap
+    (padding between packed sequences) finite."""
+    if key_scale is None:
+      return ok.astype(jnp.float32)
     return jnp.where(ok, jnp.exp(jnp.minimum(jnp.where(ok, log, 0.0), 0.0)), 0.0)
 
   def body(carry, x):
@@ -166,11 +169,9 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
       raise errors.Error('kernel attention with a causal mask or segment ids needs self-attention '
                          f'(T == S, one segment id array); got T={t}, S={kf.shape[1]}.')
     seg = jnp.zeros((b, t), jnp.int32) if seg is None else seg
-    if impl == 'pallas':
-      num, den = linear_attention.prefix(qf, kf, vf, seg, chunk=chunk, strict=False)
-    else:
-      num, den = _prefix(qf, kf, vf, seg, chunk=chunk, strict=False, key_scale=key_scale)
     prefix = linear_attention.prefix if impl == 'pallas' else _prefix
+    scaled = {} if key_scale is None else dict(key_scale=key_scale)   # XLA only, see above
+    num, den = prefix(qf, kf, vf, seg, chunk=chunk, strict=False, **scaled)
     if not mask.causal:
       flip = lambda x: jnp.flip(x, axis=1)
       back_num, back_den = prefix(flip(qf), flip(kf), flip(vf), flip(seg), chunk=chunk,

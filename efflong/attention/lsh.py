@@ -238,11 +238,11 @@ def _sorted_kernel(s: Sorted, *, mask: Mask, chunk: int, band: bool, across: boo
   """
   b, n, r, padded, h = s.q.shape
   chunks = padded // chunk
-  visits = [[i, (i - 1) % chunks] if chunks > 1 and (i or not band) else [i, i]
-            for i in range(chunks)]
-  count = np.asarray([[2 if chunks > 1 and (i or not band) else 1 for i in range(chunks)]],
-                     np.int32)
-  blocks = np.asarray(visits, np.int32)[None]
+  # Tile i looks back to i - 1 (cyclically), but for a lone tile and the band's first tile.
+  back = np.asarray([chunks > 1 and (i > 0 or not band) for i in range(chunks)])
+  tiles = np.arange(chunks)
+  blocks = np.stack([tiles, np.where(back, (tiles - 1) % chunks, tiles)], -1)[None].astype(np.int32)
+  count = (1 + back[None]).astype(np.int32)
   flags = np.full_like(blocks, int(band))
   pattern = (lambda qp, kp, head: qp - kp <= chunk) if band else None
   spec = flash_attention.Spec(chunk, blocks, flags, count, pattern, mask.causal, padded, padded,
