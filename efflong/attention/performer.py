@@ -58,10 +58,16 @@ def draw(key: jax.Array, nb_features: int, head_dim: int, *, orthogonal: bool) -
   return rows[:nb_features] * norms[:, None]
 
 
-def _exponents(x: jax.Array, w: jax.Array) -> jax.Array:
-  """W x - |x|^2 / 2 [B, T, N, M] for x [B, T, N, H] scaled by H^(-1/4), W [M, H]."""
+def _projections(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x' = x H^(-1/4) and W x' [B, T, N, M], for x [B, T, N, H] and W [M, H]."""
   x = x.astype(jnp.float32) * w.shape[1] ** -0.25
-  return jnp.einsum('BTNH,MH->BTNM', x, w) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+  return x, jnp.einsum('BTNH,MH->BTNM', x, w)
+
+
+def _exponents(x: jax.Array, w: jax.Array) -> jax.Array:
+  """W x' - |x'|^2 / 2 [B, T, N, M] (see `_projections`)."""
+  x, projected = _projections(x, w)
+  return projected - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
 
 
 def query_features(q: jax.Array, w: jax.Array, *, kernel: str) -> jax.Array:
@@ -69,8 +75,7 @@ def query_features(q: jax.Array, w: jax.Array, *, kernel: str) -> jax.Array:
   cancels in each query's ratio)."""
   m = w.shape[0]
   if kernel == 'relu':
-    return jax.nn.relu(jnp.einsum('BTNH,MH->BTNM', q.astype(jnp.float32) * w.shape[1] ** -0.25,
-                                  w)) * m ** -0.5
+    return jax.nn.relu(_projections(q, w)[1]) * m ** -0.5
   e = _exponents(q, w)
   return jnp.exp(e - jax.lax.stop_gradient(jnp.max(e, axis=-1, keepdims=True))) * m ** -0.5
 
