@@ -1,0 +1,1 @@
+"""Long Range Arena (Tay et al. 2020): the data and task classes of its five tasks."""
