@@ -5,6 +5,13 @@ Every family is a pure function
   attend(q, k, v, *, mask: Mask, **hyper) -> out      # q [B, T, N, H]; k, v [B, S, K, H]
 
 registered here with what it supports. Models look families up by name and never special-case one.
+A family that decodes with a cache (/work/shared/prompts/DECODE_SPEC.md) also has
+
+  init_cache(batch, max_len, *, num_kv_heads, head_dim, dtype, **hyper) -> cache   # dict pytree
+  attend_step(q, k, v, cache, *, mask: Mask, **hyper) -> (out, cache)   # q, k, v: the new positions
+
+where cache['length'] [B] int32 counts each row's cached positions; `Family.bind_step` and
+`Family.make_cache` check the hyper-parameters as `Family.bind` does.
 """
 
 from __future__ import annotations
@@ -50,6 +57,15 @@ class Family:
     before_step: None, or `before_step(model, key, step)`, run by the trainer inside every train
       step before the forward pass; it updates the family's module state in place (e.g. redraws
       random features). It must leave models without the family's modules unchanged.
+    init_cache: None (cannot decode), or `init_cache(batch, max_len, *, num_kv_heads, head_dim,
+      dtype, <some of attend's hyper-parameters>, [mem_len, segment_len])` -> the empty cache, a
+      dict of arrays with static shapes holding 'length' [B] int32.
+    attend_step: None (cannot decode), or `attend_step(q, k, v, cache, *, mask, <attend's
+      keyword-only parameters, same defaults; impl optional>)` -> (out, new cache): attention of
+      the new positions q [B, T, N, H], k, v [B, T, K, H] at absolute positions cache['length'] + i
+      to the cache and themselves, causal; mask.q_segment_ids [B, T] (None: all real) is 1 on
+      real new positions, 0 on right-padding (neither written nor counted).
+    decode_why: why the family cannot decode (when attend_step is None).
 
   A family has a Pallas path when attend takes `impl` ('xla' | 'pallas'); see `pallas`.
   """
@@ -64,11 +80,30 @@ class Family:
   unsupported_why: str = ''
   shared_qk: bool = False
   memory: bool = False
+  init_cache: Callable[..., dict[str, Any]] | None = None
+  attend_step: AttendFn | None = None
+  decode_why: str = ''
+
+  def __post_init__(self):
+    if (self.init_cache is None) != (self.attend_step is None):
+      raise errors.Error(f'attention {self.name!r}: init_cache and attend_step come together.')
+    if self.attend_step is not None:
+      step, full = _keyword_defaults(self.attend_step), _keyword_defaults(self.attend)
+      step.pop('impl', None)
+      full.pop('impl', None)
+      if step != full:
+        raise errors.Error(f'attention {self.name!r}: attend_step takes keywords {step}, but attend '
+                           f'takes {full}; they must match (impl aside).')
 
   @property
   def pallas(self) -> bool:
     """Whether attend has a Pallas path (efflong.kernels): it takes the keyword `impl`."""
     return 'impl' in inspect.signature(self.attend).parameters
+
+  @property
+  def decode(self) -> bool:
+    """Whether the family decodes with a cache (has init_cache and attend_step)."""
+    return self.attend_step is not None
 
   def hyper_parameters(self) -> dict[str, tuple[inspect.Parameter, Any]]:
     """name -> (parameter, type hint): attend's keyword-only parameters (less mask and inputs),
@@ -89,17 +124,8 @@ class Family:
     return {p.name for p in inspect.signature(self.module).parameters.values()
             if p.kind == inspect.Parameter.KEYWORD_ONLY and p.name not in _LAYER_ARGS}
 
-  def bind(self, *, causal: bool, impl: str = 'xla', **hyper: Any) -> AttendFn:
-    """Returns attend with its hyper-parameters fixed, after checking them all (the module's too).
-
-    impl ('xla' | 'pallas' | 'auto', `config.model.attention_impl`) picks the family's Pallas
-    path: 'auto' takes it where it is compiled (the GPU) and the family has one.
-
-    Raises:
-      TypeError: a hyper-parameter the family does not take.
-      ValueError: a required hyper-parameter is missing or None, the family does not support
-        this masking direction, or impl is 'pallas' and the family has no Pallas path.
-    """
+  def _check(self, causal: bool, impl: str, hyper: dict[str, Any]) -> None:
+    """bind's checks (see there)."""
     params = self.hyper_parameters()
     unknown = sorted(set(hyper) - set(params))
     if unknown:
@@ -118,11 +144,65 @@ class Family:
     if impl == 'pallas' and not self.pallas:
       raise errors.Error(f"attention {self.name!r} has no Pallas path (attention_impl='pallas'); "
                          f'families with one: {names(pallas=True)}.')
+
+  def _attend_kw(self, fn: AttendFn, impl: str, hyper: dict[str, Any]) -> AttendFn:
+    """fn with attend's hyper-parameters fixed (the module's own left out) and impl if it takes it."""
     own = self._module_names()
     fixed = {k: v for k, v in hyper.items() if k not in own}
-    if self.pallas:  # 'auto' is resolved by attend, which knows the kernel's tile.
+    if 'impl' in inspect.signature(fn).parameters:  # 'auto' is resolved by attend (its tile).
       fixed['impl'] = impl
-    return functools.partial(self.attend, **fixed)
+    return functools.partial(fn, **fixed)
+
+  def bind(self, *, causal: bool, impl: str = 'xla', **hyper: Any) -> AttendFn:
+    """Returns attend with its hyper-parameters fixed, after checking them all (the module's too).
+
+    impl ('xla' | 'pallas' | 'auto', `config.model.attention_impl`) picks the family's Pallas
+    path: 'auto' takes it where it is compiled (the GPU) and the family has one.
+
+    Raises:
+      TypeError: a hyper-parameter the family does not take.
+      ValueError: a required hyper-parameter is missing or None, the family does not support
+        this masking direction, or impl is 'pallas' and the family has no Pallas path.
+    """
+    self._check(causal, impl, hyper)
+    return self._attend_kw(self.attend, impl, hyper)
+
+  def check_decode(self) -> None:
+    """Raises errors.Error, naming the family and why, if it cannot decode with a cache."""
+    if not self.decode:
+      why = self.decode_why or 'it has no init_cache/attend_step yet'
+      raise errors.Error(f'attention {self.name!r} cannot decode with a cache: {why}; families '
+                         f'that can: {names(decode=True)}.')
+
+  def bind_step(self, *, impl: str = 'xla', **hyper: Any) -> AttendFn:
+    """attend_step with its hyper-parameters fixed, checked as `bind(causal=True, ...)` does.
+
+    The returned function is `step(q, k, v, cache, *, mask, **inputs) -> (out, cache)`.
+
+    Raises:
+      ValueError: the family cannot decode (see check_decode), or what bind raises.
+      TypeError: a hyper-parameter the family does not take.
+    """
+    self.check_decode()
+    self._check(True, impl, hyper)
+    return self._attend_kw(self.attend_step, impl, hyper)
+
+  def make_cache(self, batch: int, max_len: int, *, num_kv_heads: int, head_dim: int, dtype: Any,
+                 mem_len: int | None = None, segment_len: int | None = None,
+                 **hyper: Any) -> dict[str, Any]:
+    """The family's empty cache for `batch` rows of up to max_len positions (init_cache).
+
+    hyper are checked as in bind_step; init_cache gets those of them it declares, and mem_len /
+    segment_len (the layer's segment memory and training segment length, Transformer-XL) only if
+    it declares them.
+    """
+    self.check_decode()
+    self._check(True, 'xla', hyper)
+    takes = inspect.signature(self.init_cache).parameters
+    kw = {k: v for k, v in {**hyper, 'mem_len': mem_len, 'segment_len': segment_len}.items()
+          if k in takes}
+    return self.init_cache(batch, max_len, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           dtype=dtype, **kw)
 
   def make_module(self, hyper: dict[str, Any], **layer: Any) -> Any:
     """The family's module for one attention layer (None if it has none); see `module`."""
@@ -137,6 +217,11 @@ _LAYER_ARGS = frozenset({'d_model', 'num_heads', 'num_kv_heads', 'head_dim', 'ma
                          'stack_modules', 'dtype', 'rngs'})
 _REGISTRY: dict[str, Family] = {}
 
+
+def _keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+  """name -> default (inspect.Parameter.empty if none) of fn's keyword-only parameters."""
+  return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+          if p.kind == inspect.Parameter.KEYWORD_ONLY}
 
 
 def register(family: Family) -> Family:
@@ -156,7 +241,7 @@ def get(name: str) -> Family:
 
 def names(**supports: bool) -> list[str]:
   """The registered names, sorted; with e.g. memory=True only the families whose Family field
-  `memory` is True."""
+  `memory` is True (decode=True: those that decode with a cache)."""
   return sorted(n for n, f in _REGISTRY.items()
                 if all(getattr(f, k) == v for k, v in supports.items()))
 
@@ -172,7 +257,8 @@ def before_step(model: Any, key: Any, step: Any) -> None:
       family.before_step(model, jax.random.fold_in(key, zlib.crc32(family.name.encode())), step)
 
 
-register(Family('dense', dense.attend))
+register(Family('dense', dense.attend, init_cache=dense.init_cache,
+                attend_step=dense.attend_step))
 register(Family('local', local.attend))
 register(Family('longformer', longformer.attend, inputs=('global_qkv',),
                 module=longformer.global_projections))
@@ -187,6 +273,7 @@ register(Family('lsh', lsh.attend, inputs=('rng',), module=lsh.hash_rng, before_
 register(Family('xl', relative.attend, inputs=('pos_proj', 'content_bias', 'pos_bias'),
                 module=relative.relative_params, memory=True))
 register(Family('linformer', linformer.attend, causal=False, inputs=('proj_k', 'proj_v'),
-                module=linformer.projections, unsupported_why=linformer.CAUSAL_WHY))
+                module=linformer.projections, unsupported_why=linformer.CAUSAL_WHY,
+                decode_why=f'it is not causal ({linformer.CAUSAL_WHY})'))
 
 __all__ = ['Family', 'Mask', 'get', 'names', 'register']

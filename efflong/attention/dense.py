@@ -1,6 +1,7 @@
 """Reference softmax attention (Vaswani et al. 2017): every other family is tested against it.
 
-O(T * S) time and memory; it is the slow, obviously correct twin.
+O(T * S) time and memory; it is the slow, obviously correct twin. Decoding keeps every key and
+value in a preallocated cache (init_cache / attend_step, shared by the sparse families).
 """
 
 from __future__ import annotations
@@ -79,3 +80,66 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,
   else:
     out, _ = attend_allowed(q, k, v, mask.materialize(t, s)[:, None], scale)
   return out.astype(q.dtype)
+
+
+def init_cache(batch: int, max_len: int, *, num_kv_heads: int, head_dim: int,
+               dtype) -> dict[str, jax.Array]:
+  """An empty key/value cache: k, v [B, S_max, K, H] zeros in dtype, length [B] int32 zeros."""
+  shape = (batch, max_len, num_kv_heads, head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype),
+          'length': jnp.zeros((batch,), jnp.int32)}
+
+
+def new_positions(cache: dict[str, jax.Array], mask: Mask,
+                  t: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Where the T new positions of a decoding call go.
+
+  Args:
+    cache: holds length [B] int32, the positions already cached per row.
+    mask: q_segment_ids [B, T] is 1 on real new positions, 0 on right-padding (None: all real).
+    t: T.
+  Returns:
+    positions [B, T] int32 (absolute: length + i), real [B, T] bool, new length [B] int32.
+  """
+  length = cache['length']
+  positions = length[:, None] + jnp.arange(t, dtype=jnp.int32)
+  if mask.q_segment_ids is None:
+    real = jnp.ones(positions.shape, bool)
+  else:
+    real = mask.q_segment_ids != 0
+  return positions, real, length + real.sum(1, dtype=jnp.int32)
+
+
+def write(buffer: jax.Array, slots: jax.Array, real: jax.Array, x: jax.Array) -> jax.Array:
+  """buffer [B, S, ...] with x [B, T, ...] written at slots [B, T] where real (scatter; a slot
+  outside [0, S) is dropped, as is every padding position)."""
+  slots = jnp.where(real, slots, buffer.shape[1])
+  rows = jnp.arange(buffer.shape[0])[:, None]
+  return buffer.at[rows, slots].set(x.astype(buffer.dtype), mode='drop')
+
+
+def attend_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                mask: Mask, scale: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal attention of T new positions to the cached ones and themselves.
+
+  New position i of row b sits at absolute position cache['length'][b] + i and sees the cached
+  and new keys at positions <= its own. Positions beyond the cache's S_max are not stored (the
+  caller keeps lengths within it).
+
+  Args:
+    q: [B, T, N, H] queries of the new positions.
+    k, v: [B, T, K, H] their keys and values; K divides N.
+    cache: from init_cache: k, v [B, S_max, K, H], length [B].
+    mask: causal; q_segment_ids [B, T] marks real new positions (1) and right-padding (0).
+    scale: logit scale; default H ** -0.5.
+  Returns:
+    out [B, T, N, H] (finite, arbitrary at padding) and the cache with the real positions added.
+  """
+  check_shapes(q, k, v, mask)
+  positions, real, length = new_positions(cache, mask, q.shape[1])
+  ck, cv = write(cache['k'], positions, real, k), write(cache['v'], positions, real, v)
+  slots = jnp.arange(ck.shape[1])
+  allowed = (slots <= positions[:, :, None]) & (slots < length[:, None, None])  # [B, T, S_max]
+  scale = q.shape[3] ** -0.5 if scale is None else scale
+  out, _ = attend_allowed(q, ck, cv, allowed[:, None], scale)
+  return out.astype(q.dtype), {'k': ck, 'v': cv, 'length': length}
