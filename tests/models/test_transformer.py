@@ -84,7 +84,7 @@ ROWS = 16  # Every batch is padded to this many rows, so that all tests share co
 
 def run(model, key=None, **batch) -> np.ndarray:
   """model(batch) on numpy arrays [B <= ROWS, ...], returning numpy."""
-  rows = len(batch['inputs'])
+  rows = len(next(iter(batch.values())))
   assert rows <= ROWS
   padded = {k: jnp.asarray(np.concatenate([v, np.repeat(v[:1], ROWS - rows, 0)]))
             for k, v in batch.items()}
@@ -92,6 +92,8 @@ def run(model, key=None, **batch) -> np.ndarray:
 
 
 def lm_batch(kind: str, inputs: np.ndarray, **extra) -> dict:
+  if kind == 'dual_encoder':  # the two documents (efflong/models/classifier.py)
+    return dict(inputs1=inputs, inputs2=inputs[::-1], **extra)
   batch = dict(inputs=inputs, **extra)
   if kind == 'encoder_decoder':
     batch.setdefault('decoder_inputs', inputs[:, :5])
@@ -110,7 +112,7 @@ def test_output_shapes_and_dtypes(kind, dtype):
   out = run(model, **batch)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   want = {'lm': (2, T, V), 'encoder': (2, T, V), 'encoder_decoder': (2, 5, V),
-          'classifier': (2, NUM_CLASSES)}[kind]
+          'classifier': (2, 1, NUM_CLASSES), 'dual_encoder': (2, 1, NUM_CLASSES)}[kind]
   assert out.shape == want and out.dtype == np.float32
   assert np.all(np.isfinite(out))
   # Parameters stay float32 whatever the compute dtype.
@@ -500,7 +502,8 @@ def test_parameters_carry_logical_axis_names(kind):
     assert names is not None and len(names) == param.ndim, f'{path}: {names}'
     assert set(names) - {None} <= LOGICAL, f'{path}: {names}'
     spec = specs[path].get_value()
-    key = ('classifier_head',) + path[-1:] if kind == 'classifier' and path[0] == 'head' else path
+    classifier = kind in ('classifier', 'dual_encoder')
+    key = ('classifier_head',) + path[-1:] if classifier and path[0] == 'head' else path
     assert len(spec) == param.ndim
     assert any(spec) or key == ('classifier_head', 'bias'), f'{path} is fully replicated: {spec}'
     for suffix, want in EXPECTED_SPECS.items():
@@ -509,7 +512,7 @@ def test_parameters_carry_logical_axis_names(kind):
         seen.add(suffix)
   assert ('self_attn', 'q', 'kernel') in seen and ('ff', 'wi', 'kernel') in seen
   assert (('cross_attn', 'q', 'kernel') in seen) == (kind == 'encoder_decoder')
-  assert (('classifier_head', 'kernel') in seen) == (kind == 'classifier')
+  assert (('classifier_head', 'kernel') in seen) == (kind in ('classifier', 'dual_encoder'))
 
 
 def test_heads_must_divide_d_model():
