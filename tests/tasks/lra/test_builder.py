@@ -101,4 +101,5 @@ def test_data_dir(monkeypatch, tmp_path):
   assert builder.data_dir(ml_collections.ConfigDict({'data_dir': ''})) == str(tmp_path)
   assert builder.data_dir(ml_collections.ConfigDict({'data_dir': '/x'})) == '/x'
   monkeypatch.delenv('TFDS_DATA_DIR')
-  assert builder.data_dir(ml_collections.ConfigDict()) == os.path.expanduser('~/tensorflow_datasets')
+  default = os.path.expanduser('~/tensorflow_datasets')
+  assert builder.data_dir(ml_collections.ConfigDict()) == default

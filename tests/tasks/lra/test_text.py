@@ -11,8 +11,9 @@ from efflong import errors
 from efflong.tasks.lra import builder, text
 
 _REVIEWS = {('train', 'pos', '0_9.txt'): b'Great film.\n',
-            ('train', 'pos', '1_7.txt'): b'  Fine \xc3\xa9 ', ('train', 'neg', '2_1.txt'): b'Dull.', ('test', 'pos', '0_10.txt'): b'Yes!',
-            ('test', 'neg', '3_2.txt'): b'No.', ('test', 'neg', '4_3.txt'): b'Bad\tplot.'}
+            ('train', 'pos', '1_7.txt'): b'  Fine \xc3\xa9 ', ('train', 'neg', '2_1.txt'): b'Dull.',
+            ('test', 'pos', '0_10.txt'): b'Yes!', ('test', 'neg', '3_2.txt'): b'No.',
+            ('test', 'neg', '4_3.txt'): b'Bad\tplot.'}
 
 
 def _write_aclimdb(root) -> None:
