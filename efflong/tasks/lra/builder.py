@@ -26,6 +26,7 @@ it lets one process prepare while the others wait and then reuse its data.
 from __future__ import annotations
 
 import fcntl
+import glob
 import importlib
 import os
 import re
@@ -64,6 +65,23 @@ def task_module(name: str) -> types.ModuleType:
       raise
     raise errors.Error(f'task.name={name!r} is not an LRA task; valid: listops, text, retrieval, '
                        'image, pathfinder.') from None
+
+
+def prepared_tfds(task: ml_collections.ConfigDict, name: str) -> tfds.core.DatasetBuilder | None:
+  """The newest version of TFDS dataset `name` ('cifar10', 'imdb_reviews/plain_text') prepared
+  in data_dir(task), or None. Prepared as tfrecord (TFDS's default) it is an Error: only
+  array_record reads without TensorFlow."""
+  infos = glob.glob(os.path.join(data_dir(task), name, '*', 'dataset_info.json'))
+  if not infos:
+    return None
+  newest = max(infos, key=lambda p: tfds.core.Version(os.path.basename(os.path.dirname(p))))
+  prepared = tfds.builder_from_directory(os.path.dirname(newest))
+  if prepared.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise errors.Error(f'{os.path.dirname(newest)} holds {name} as '
+                       f'{prepared.info.file_format.value}, which reads only with TensorFlow; '
+                       f"prepare it with file_format='array_record' (tfds build {name} "
+                       '--file_format=array_record), or give the raw files in task.source_dir.')
+  return prepared
 
 
 def config_name(data_fields: Mapping[str, int | str]) -> str:

@@ -21,7 +21,6 @@ from typing import Iterator
 
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
 from efflong import errors
 from efflong.tasks.lra import builder
@@ -55,21 +54,6 @@ def read_aclimdb(root: str, imdb_split: str) -> Iterator[tuple[str, bytes, int]]
       yield os.path.relpath(path, root), text, label
 
 
-def _tfds_imdb(task: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder | None:
-  """TFDS imdb_reviews/plain_text prepared in the data directory (its newest version), or None."""
-  infos = glob.glob(os.path.join(builder.data_dir(task), 'imdb_reviews', 'plain_text', '*',
-                                 'dataset_info.json'))
-  if not infos:
-    return None
-  newest = max(infos, key=lambda p: tfds.core.Version(os.path.basename(os.path.dirname(p))))
-  prepared = tfds.builder_from_directory(os.path.dirname(newest))
-  if prepared.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise errors.Error(f'{os.path.dirname(newest)} holds imdb_reviews as '
-                       f'{prepared.info.file_format.value}, which reads only with TensorFlow; '
-                       "prepare it with file_format='array_record', or " + _FETCH + '.')
-  return prepared
-
-
 def data_fields(task: ml_collections.ConfigDict) -> dict[str, int | str]:
   """No field changes the data (both sources give the same reviews)."""
   del task
@@ -83,7 +67,7 @@ def examples(task: ml_collections.ConfigDict, split: str) -> Iterator[tuple[str,
     for path, text, label in read_aclimdb(source_dir, imdb_split):
       yield path, {'inputs': encode(text), 'label': label}
     return
-  prepared = _tfds_imdb(task)
+  prepared = builder.prepared_tfds(task, 'imdb_reviews/plain_text')
   if prepared is None:
     raise errors.Error(f'IMDb not found: no imdb_reviews/plain_text in {builder.data_dir(task)} '
                        f'and task.source_dir is unset; {_FETCH}.')

@@ -34,7 +34,7 @@ def _tiny_module(calls: list[str], dtype=np.int32) -> types.SimpleNamespace:
       FEATURES={'inputs': ((None,), dtype), 'label': ((), np.int32)})
 
 
-def _task(tmp_path, num_train: int = 4) -> ml_collections.ConfigDict:
+def _task(tmp_path, num_train: int = 12) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({'name': 'tiny', 'data_dir': str(tmp_path),
                                     'num_train': num_train})
 
@@ -51,10 +51,10 @@ def _assert_same(source, expected) -> None:
 def test_round_trip_in_order_then_reused(tmp_path):
   calls = []
   module = _tiny_module(calls)
-  for split, n in (('train', 4), ('validation', 2), ('test', 3)):
+  for split, n in (('train', 12), ('validation', 2), ('test', 3)):  # keys 'train-10' < 'train-2'
     _assert_same(builder.source(module, _task(tmp_path), split), _records(split, n))
   assert sorted(calls) == ['test', 'train', 'validation']  # prepared once, then reused
-  assert os.path.isdir(tmp_path / 'lra_tiny' / 'num_train-4' / '1.0.0')
+  assert os.path.isdir(tmp_path / 'lra_tiny' / 'num_train-12' / '1.0.0')
   assert not [p for p in os.listdir(tmp_path / 'lra_tiny') if p.startswith('incomplete')]
   # A task that changes the data gets its own prepared copy beside the first.
   _assert_same(builder.source(module, _task(tmp_path, 5), 'train'), _records('train', 5))
@@ -68,7 +68,7 @@ def test_round_trip_in_order_then_reused(tmp_path):
 def test_narrow_dtype_stored_read_as_int32(tmp_path):
   module = _tiny_module([], dtype=np.uint8)
   source = builder.source(module, _task(tmp_path), 'train')
-  _assert_same(source, _records('train', 4))
+  _assert_same(source, _records('train', 12))
   pickle.loads(pickle.dumps(source))
 
 
@@ -83,7 +83,7 @@ def test_interrupted_preparation_leaves_nothing_prepared(tmp_path):
   calls = []
   module = _tiny_module(calls)
   module.data_fields = lambda task: {}
-  _assert_same(builder.source(module, _task(tmp_path), 'train'), _records('train', 4))
+  _assert_same(builder.source(module, _task(tmp_path), 'train'), _records('train', 12))
 
 
 def test_bad_input(tmp_path):
