@@ -13,14 +13,16 @@ query uses it only when it is in that run. Bidirectional with segments is a caus
 anti-causal pass (the reversed sequence, excluding the diagonal).
 
 The core `attend_features` takes the features; `attend` is the Linear Transformer (phi = elu + 1 or
-relu); `performer` supplies FAVOR+ features to the same core. `step` is the recurrent form for decoding.
+relu); `performer` supplies FAVOR+ features to the same core. Decoding (`init_cache`, `attend_step`,
+`step_features`) keeps the recurrent state (S, z) of Sec. 3.4 per row and advances it with the same
+chunked prefix sums started from it: O(M H) memory and work per token, flat in the context.
 With impl='pallas' the causal prefix sums run in the Pallas kernels of
 `efflong.kernels.linear_attention` (`_prefix` here is their XLA twin).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,22 @@ def _group(x: jax.Array, kh: int) -> jax.Array:
   return x.reshape(b, t, kh, n // kh, f)
 
 
+class Carry(NamedTuple):
+  """The prefix sums' carry: the state of the run open at the last position processed.
+
+  Attributes:
+    s: [B, K, M, H] sum of phi(k_j) v_j^T over the run's keys so far (times exp(-scale)).
+    z: [B, K, M] sum of phi(k_j) (times exp(-scale)).
+    open_id: [B] the run's segment id.
+    scale: [B, K] the key scale of the run's last position (see `_prefix`; zeros without one).
+  """
+
+  s: jax.Array
+  z: jax.Array
+  open_id: jax.Array
+  scale: jax.Array
+
+
 def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk: int,
             strict: bool, key_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Causal numerator and denominator: sums over keys j <= i (j < i if strict) in i's run.
@@ -68,18 +86,30 @@ def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk
   Returns:
     num [B, T, K, G, H] and den [B, T, K, G], float32.
   """
-  b, t, kh, g, m = qf.shape
-  h = v.shape[-1]
+  b, _, kh, _, m = qf.shape
+  empty = Carry(jnp.zeros((b, kh, m, v.shape[-1]), jnp.float32), jnp.zeros((b, kh, m), jnp.float32),
+                jnp.full((b,), -2, seg.dtype), jnp.zeros((b, kh), jnp.float32))
+  return _prefix_from(qf, kf, v, seg, empty, chunk=chunk, strict=strict, key_scale=key_scale)[:2]
+
+
+def _prefix_from(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, carry: Carry, *,
+                 chunk: int, strict: bool, key_scale: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, Carry]:
+  """`_prefix` started from a carry (a decoding cache's state, or none: open_id matching no
+  id); also returns the carry after the last position, that of the run open there."""
+  b, t, kh = qf.shape[:3]
   pad = -t % chunk
   nc = (t + pad) // chunk
 
-  def to_chunks(x: jax.Array, fill: int = 0) -> jax.Array:  # [B, T, ...] -> [nC, B, C, ...]
-    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+  def to_chunks(x: jax.Array, mode: str = 'constant') -> jax.Array:  # [B, T, ...] -> [nC, B, C, ...]
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), mode=mode)
     return jnp.moveaxis(x.reshape(b, nc, chunk, *x.shape[2:]), 1, 0)
 
-  # Padded positions get their own id (-1): they neither see nor are seen by real tokens.
+  # The tail padding continues the last run (its id and scale) with zero features: it changes no
+  # sum, and the final carry is the last run's state.
   scale = jnp.zeros((b, t, kh), jnp.float32) if key_scale is None else key_scale
-  xs = (to_chunks(qf), to_chunks(kf), to_chunks(v), to_chunks(seg, -1), to_chunks(scale))
+  xs = (to_chunks(qf), to_chunks(kf), to_chunks(v), to_chunks(seg, 'edge'),
+        to_chunks(scale, 'edge'))
   tri = jnp.tril(jnp.ones((chunk, chunk), bool), -1 if strict else 0)
 
   def rescale(ok: jax.Array, log: jax.Array) -> jax.Array:
@@ -110,13 +140,11 @@ def _prefix(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, *, chunk
     keep = rescale((last == open_id)[:, None], open_scale - last_scale)               # [B, K]
     s = s * keep[..., None, None] + jnp.einsum('BCKM,BCKH,BCK->BKMH', k_c, v_c, in_last)
     z = z * keep[..., None] + jnp.einsum('BCKM,BCK->BKM', k_c, in_last)
-    return (s, z, last, last_scale), (num, den)
+    return Carry(s, z, last, last_scale), (num, den)
 
-  init = (jnp.zeros((b, kh, m, h), jnp.float32), jnp.zeros((b, kh, m), jnp.float32),
-          jnp.full((b,), -2, seg.dtype), jnp.zeros((b, kh), jnp.float32))
-  _, (num, den) = jax.lax.scan(body, init, xs)
+  carry, (num, den) = jax.lax.scan(body, carry, xs)
   from_chunks = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, nc * chunk, *x.shape[3:])[:, :t]
-  return from_chunks(num), from_chunks(den)
+  return from_chunks(num), from_chunks(den), carry
 
 
 def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
@@ -177,9 +205,19 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
       back_num, back_den = prefix(flip(qf), flip(kf), flip(vf), flip(seg), chunk=chunk,
                                   strict=True)
       num, den = num + flip(back_num), den + flip(back_den)
+  return _ratio(num, den, eps).reshape(b, t, n, -1)
+
+
+def _ratio(num: jax.Array, den: jax.Array, eps: float) -> jax.Array:
+  """num / (den + eps), [..., H] / [...]; zeros where the denominator is zero."""
   den = den + eps
-  out = num / jnp.where(den > 0, den, 1.0)[..., None]
-  return out.reshape(b, t, n, -1)
+  return num / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def _feature_map(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in FEATURE_MAPS:
+    raise errors.Error(f'feature_map={name!r}; valid: {sorted(FEATURE_MAPS)}.')
+  return FEATURE_MAPS[name]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, feature_map: str = 'elu',
@@ -197,44 +235,76 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, feature_map:
     [B, T, N, H].
   """
   dense.check_shapes(q, k, v, mask)
-  if feature_map not in FEATURE_MAPS:
-    raise errors.Error(f'feature_map={feature_map!r}; valid: {sorted(FEATURE_MAPS)}.')
-  phi = FEATURE_MAPS[feature_map]
+  phi = _feature_map(feature_map)
   qf = phi(q.astype(jnp.float32))
   kf = phi(k.astype(jnp.float32))
   return attend_features(qf, kf, v, mask=mask, chunk=chunk, impl=impl).astype(q.dtype)
 
 
-class State(NamedTuple):
-  """Decoding state of kernel attention: s [B, K, M, H] = sum phi(k) v^T, z [B, K, M] = sum phi(k)."""
-
-  s: jax.Array
-  z: jax.Array
-
-
-def init_state(batch: int, kv_heads: int, features: int, head_dim: int) -> State:
-  return State(jnp.zeros((batch, kv_heads, features, head_dim), jnp.float32),
-               jnp.zeros((batch, kv_heads, features), jnp.float32))
+def empty_state(batch: int, kv_heads: int, features: int, head_dim: int) -> dict[str, jax.Array]:
+  """The decoding cache of kernel attention before any position: 'length' [B] int32 and the
+  prefix sums 's' [B, K, M, H] = sum phi(k) v^T and 'z' [B, K, M] = sum phi(k), float32."""
+  return {'length': jnp.zeros((batch,), jnp.int32),
+          's': jnp.zeros((batch, kv_heads, features, head_dim), jnp.float32),
+          'z': jnp.zeros((batch, kv_heads, features), jnp.float32)}
 
 
-def step_features(state: State, qf: jax.Array, kf: jax.Array, v: jax.Array
-                  ) -> tuple[State, jax.Array]:
-  """One causal token: adds key features kf [B, K, M] and v [B, K, H], then reads qf [B, N, M].
+def step_features(qf: jax.Array, kf: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                  mask: Mask, chunk: int, eps: float, key_scale: jax.Array | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal kernel attention of new positions continuing a cache's prefix sums (Sec. 3.4).
 
+  The new positions are one run continuing the cached one, through the chunked prefix sums
+  started from the cache's state (a decode step, T = 1, is one O(M H) update, flat in context).
+
+  Args:
+    qf: [B, T, N, M] the new positions' query features.
+    kf: [B, T, K, M] their key features (any value at padding: it is dropped here).
+    v: [B, T, K, H].
+    cache: 'length', 's', 'z' (`empty_state`), and 'scale' [B, K] with a key scale.
+    mask: q_segment_ids [B, T]: 1 on real new positions, 0 on right-padding (None: all real).
+    chunk: C of the prefix sums (at most T is used).
+    eps: added to the denominator, as in `attend_features`.
+    key_scale: None, or [B, T, K] the running log-scale of kf continuing cache['scale'] (see
+      `_prefix`).
   Returns:
-    the new state and out [B, N, H] float32, equal to row t of the causal `attend_features`.
+    out [B, T, N, H] float32, equal to the causal `attend_features` over all the row's positions
+    at each real new one, and the cache advanced past the real positions (padding adds nothing).
   """
-  s = state.s + jnp.einsum('BKM,BKH->BKMH', kf, v.astype(jnp.float32))
-  z = state.z + kf
-  b, n, m = qf.shape
-  kh = kf.shape[1]
-  qg = qf.reshape(b, kh, n // kh, m)
-  out = jnp.einsum('BKGM,BKMH->BKGH', qg, s) / (jnp.einsum('BKGM,BKM->BKG', qg, z)[..., None] + EPS)
-  return State(s, z), out.reshape(b, n, -1)
+  _check_chunk(chunk)
+  b, t, n, _ = qf.shape
+  kh = kf.shape[2]
+  if (key_scale is None) != ('scale' not in cache):
+    raise errors.Error('kernel attention decoding: the cache has a key scale exactly when the '
+                       'features have one (init_cache and attend_step disagree on the kernel).')
+  real = jnp.ones((b, t), bool) if mask.q_segment_ids is None else mask.q_segment_ids != 0
+  kf = jnp.where(real[..., None, None], kf.astype(jnp.float32), 0.0)
+  run = jnp.ones((b, t), jnp.int32)  # One run: the row's sequence, padding included (it adds 0).
+  carry = Carry(cache['s'], cache['z'], run[:, 0], cache.get('scale', jnp.zeros((b, kh))))
+  num, den, carry = _prefix_from(_group(qf.astype(jnp.float32), kh), kf, v.astype(jnp.float32),
+                                 run, carry, chunk=min(chunk, t), strict=False,
+                                 key_scale=key_scale)
+  new = dict(cache, length=cache['length'] + real.sum(1, dtype=jnp.int32), s=carry.s, z=carry.z)
+  if key_scale is not None:
+    new['scale'] = carry.scale
+  return _ratio(num, den, eps).reshape(b, t, n, -1), new
 
 
-def step(state: State, q: jax.Array, k: jax.Array, v: jax.Array, *,
-         feature_map: str = 'elu') -> tuple[State, jax.Array]:
-  """Recurrent Linear Transformer step (Sec. 3.4): q [B, N, H], k, v [B, K, H] -> out [B, N, H]."""
-  phi = FEATURE_MAPS[feature_map]
-  return step_features(state, phi(q.astype(jnp.float32)), phi(k.astype(jnp.float32)), v)
+def init_cache(batch: int, max_len: int, *, num_kv_heads: int, head_dim: int,
+               dtype: Any) -> dict[str, jax.Array]:
+  """The empty decoding cache (`empty_state`, M = H): O(1) in max_len."""
+  del max_len, dtype  # The prefix sums are float32 and do not grow.
+  return empty_state(batch, num_kv_heads, head_dim, head_dim)
+
+
+def attend_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                mask: Mask, feature_map: str = 'elu', chunk: int = 64
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`attend` (causal) for new positions q [B, T, N, H], k, v [B, T, K, H] after the cached ones.
+
+  Returns out [B, T, N, H] and the advanced cache; see `step_features`.
+  """
+  phi = _feature_map(feature_map)
+  out, cache = step_features(phi(q.astype(jnp.float32)), phi(k.astype(jnp.float32)), v, cache,
+                             mask=mask, chunk=chunk, eps=EPS)
+  return out.astype(q.dtype), cache

@@ -18,6 +18,13 @@ performer-pytorch) take one max over all keys, future keys and other packed sequ
 which can underflow every key a query sees and leave it a silent zero row (tests/attention/
 test_performer.py builds such rows). No epsilon is added to softmax features (see `attend`).
 
+Decoding (`init_cache`, `attend_step`): the cache is linear's recurrent state (S, z) plus, for softmax
+features, the running log-scale of the keys so far ('scale' [B, K]). Nothing changes from the
+parallel causal form: its stabiliser is already the running max, which never looks at a future key,
+so a decoded token's features, and its output, are those of the causal `attend` over the whole
+sequence (to float rounding, tests/attention/test_decode_linear.py). The cache belongs to the W it
+was filled with: a redraw (training only) invalidates it.
+
 `redraw_every` defaults to 0: the features are drawn once per layer and kept (saved with the
 checkpoints). The paper redraws them periodically during training; set e.g. redraw_every=1000.
 
@@ -38,6 +45,7 @@ from efflong.attention import dense, linear
 from efflong.mask import Mask
 
 KERNELS = ('softmax', 'relu')
+EMPTY_SCALE = -1e30  # The running log-scale of the softmax key features before any key.
 
 
 def draw(key: jax.Array, nb_features: int, head_dim: int, *, orthogonal: bool) -> jax.Array:
@@ -96,23 +104,47 @@ def _run_max(x: jax.Array, seg: jax.Array, *, causal: bool) -> jax.Array:
   return backward
 
 
-def key_features(k: jax.Array, w: jax.Array, *, kernel: str, mask: Mask
-                 ) -> tuple[jax.Array, jax.Array | None]:
+def key_features(k: jax.Array, w: jax.Array, *, kernel: str, mask: Mask,
+                 start: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
   """phi(k) [B, S, K, M] for k [B, S, K, H], and the running log-scale of a causal mask (or None).
 
   The softmax features are stabilised by a max that sees only keys a query may combine them with:
   the max over the key's own run (segment) bidirectionally, a constant that cancels in the ratio;
   under a causal mask the running max up to the key (`linear._prefix`'s key_scale), so no future
   key and no other packed sequence can shrink a visible key's features to zero.
+
+  start: decoding (causal): None, or [B, K] the running log-scale before these keys (a cache's,
+  EMPTY_SCALE before any key). The keys then continue that one run, and padding
+  (mask.q_segment_ids 0) stays out of the max (`linear.step_features` drops its features).
   """
   m = w.shape[0]
   if kernel == 'relu':
     return query_features(k, w, kernel=kernel), None
   e = _exponents(k, w)
-  seg = mask.kv_segment_ids
-  seg = jnp.zeros(k.shape[:2], jnp.int32) if seg is None else seg
-  scale = jax.lax.stop_gradient(_run_max(jnp.max(e, axis=-1), seg, causal=mask.causal))
+  top = jnp.max(e, axis=-1)
+  if start is None:
+    seg = mask.kv_segment_ids
+    seg = jnp.zeros(k.shape[:2], jnp.int32) if seg is None else seg
+    scale = _run_max(top, seg, causal=mask.causal)
+  else:
+    real = (jnp.ones(k.shape[:2], bool) if mask.q_segment_ids is None
+            else mask.q_segment_ids != 0)
+    scale = jnp.maximum(start[:, None],
+                        jax.lax.cummax(jnp.where(real[..., None], top, EMPTY_SCALE), axis=1))
+  scale = jax.lax.stop_gradient(scale)
   return jnp.exp(e - scale[..., None]) * m ** -0.5, scale if mask.causal else None
+
+
+def _check(q: jax.Array, kernel: str, projection: jax.Array) -> None:
+  if kernel not in KERNELS:
+    raise errors.Error(f'kernel={kernel!r}; valid: {list(KERNELS)}.')
+  if projection.ndim != 2 or projection.shape[1] != q.shape[-1]:
+    raise errors.Error(f'projection has shape {projection.shape}; expected [M, H={q.shape[-1]}].')
+
+
+def _eps(kernel: str) -> float:
+  """The denominator epsilon: linear.EPS for relu features, none for softmax ones (see `attend`)."""
+  return linear.EPS if kernel == 'relu' else 0.0
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, projection: jax.Array,
@@ -132,19 +164,45 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, projection: 
     [B, T, N, H].
   """
   dense.check_shapes(q, k, v, mask)
-  if kernel not in KERNELS:
-    raise errors.Error(f'kernel={kernel!r}; valid: {list(KERNELS)}.')
-  if projection.ndim != 2 or projection.shape[1] != q.shape[-1]:
-    raise errors.Error(f'projection has shape {projection.shape}; expected [M, H={q.shape[-1]}].')
+  _check(q, kernel, projection)
   qf = query_features(q, projection, kernel=kernel)
   kf, scale = key_features(k, projection, kernel=kernel, mask=mask)
   # No denominator epsilon for softmax features: each query row's and each key run's largest
   # feature is 1 / sqrt(M), but they may sit on different features, so phi(q)^T z can be far
   # below any fixed epsilon, which would then bias the output (up to 0.4% in
   # tests/attention/test_performer.py with 1e-6). A zero denominator gives zeros, never NaN.
-  eps = linear.EPS if kernel == 'relu' else 0.0
-  return linear.attend_features(qf, kf, v, mask=mask, chunk=chunk, eps=eps, key_scale=scale,
-                                impl=impl).astype(q.dtype)
+  return linear.attend_features(qf, kf, v, mask=mask, chunk=chunk, eps=_eps(kernel),
+                                key_scale=scale, impl=impl).astype(q.dtype)
+
+
+def init_cache(batch: int, max_len: int, *, num_kv_heads: int, head_dim: int, dtype: Any,
+               kernel: str = 'softmax', nb_features: int = 256) -> dict[str, jax.Array]:
+  """The empty decoding cache: `linear.empty_state` with M = nb_features, and for softmax
+  features the running log-scale 'scale' [B, K] (EMPTY_SCALE: no key yet). O(1) in max_len."""
+  del max_len, dtype  # The state is float32 and does not grow.
+  if kernel not in KERNELS:
+    raise errors.Error(f'kernel={kernel!r}; valid: {list(KERNELS)}.')
+  cache = linear.empty_state(batch, num_kv_heads, nb_features, head_dim)
+  if kernel == 'softmax':
+    cache['scale'] = jnp.full((batch, num_kv_heads), EMPTY_SCALE, jnp.float32)
+  return cache
+
+
+def attend_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                mask: Mask, projection: jax.Array, kernel: str = 'softmax', chunk: int = 64
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`attend` (causal) for new positions q [B, T, N, H], k, v [B, T, K, H] after the cached ones;
+  the same W as the cache was filled with. Returns out [B, T, N, H] and the advanced cache (see
+  `linear.step_features`)."""
+  _check(q, kernel, projection)
+  if cache['s'].shape[2] != projection.shape[0]:
+    raise errors.Error(f'performer cache holds {cache["s"].shape[2]} features but projection has '
+                       f'{projection.shape[0]} rows; init_cache(nb_features=) must match.')
+  qf = query_features(q, projection, kernel=kernel)
+  kf, scale = key_features(k, projection, kernel=kernel, mask=mask, start=cache.get('scale'))
+  out, cache = linear.step_features(qf, kf, v, cache, mask=mask, chunk=chunk, eps=_eps(kernel),
+                                    key_scale=scale)
+  return out.astype(q.dtype), cache
 
 
 class RandomFeatures(nnx.Variable):

@@ -92,16 +92,6 @@ def test_causal_chunks_equal_the_naive_prefix_sum(chunk):
   close(linear.attend(q, k, v, mask=Mask(causal=True), chunk=chunk), want, f'chunk={chunk}')
 
 
-def test_recurrent_step_reproduces_the_causal_outputs():
-  b, t, n, kh = 2, 9, 4, 2
-  q, k, v = arrays((b, t, n, H), (b, t, kh, H), (b, t, kh, H), seed=4)
-  want = linear.attend(q, k, v, mask=Mask(causal=True), chunk=4)
-  state = linear.init_state(b, kh, H, H)
-  for i in range(t):
-    state, out = linear.step(state, q[:, i], k[:, i], v[:, i])
-    close(out, want[:, i], f'token {i}')
-
-
 def test_relu_kernels():
   b, t, n = 1, 10, 2
   q, k, v = arrays((b, t, n, H), (b, t, n, H), (b, t, n, H), seed=5)
