@@ -265,9 +265,11 @@ register(Family('longformer', longformer.attend, inputs=('global_qkv',),
 register(Family('strided', sparse.strided))
 register(Family('fixed', sparse.fixed))
 register(Family('bigbird', bigbird.attend, inputs=('layer',), module=bigbird.layer_index))
-register(Family('linear', linear.attend))
+register(Family('linear', linear.attend, init_cache=linear.init_cache,
+                attend_step=linear.attend_step))
 register(Family('performer', performer.attend, inputs=('projection',),
-                module=performer.feature_matrix, before_step=performer.redraw))
+                module=performer.feature_matrix, before_step=performer.redraw,
+                init_cache=performer.init_cache, attend_step=performer.attend_step))
 register(Family('lsh', lsh.attend, inputs=('rng',), module=lsh.hash_rng, before_step=lsh.reseed,
                 shared_qk=True))
 register(Family('xl', relative.attend, inputs=('pos_proj', 'content_bias', 'pos_bias'),
