@@ -89,9 +89,9 @@ def _lra_tree(rng: random.Random, depth: int, max_depth: int, max_args: int) -> 
 
 
 def test_same_distribution_as_a_recursive_twin_of_lra_sampler():
-  # Kept trees of length in (6, 40), depth <= 6, 2..5 arguments (long enough trees that the
-  # early stop at max_len matters): mean length, root operator
-  # shares and label shares agree within sampling noise (5 standard errors; fixed seeds).
+  # Kept trees of length in (6, 40), depth <= 6, 2..5 arguments (trees long enough that the
+  # early stop at max_len matters): mean length, root operator shares and label shares agree
+  # within sampling noise (5 standard errors; fixed seeds).
   rng = random.Random(0)
   twin = []
   while len(twin) < 3000:
