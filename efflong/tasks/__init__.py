@@ -27,6 +27,9 @@ Metrics = dict[str, tuple[jax.Array, jax.Array]]
 _TASKS = {
     'bytes_lm': 'efflong.tasks.bytes_lm:BytesLM',
     'duplication': 'efflong.tasks.duplication:Duplication',
+    # Long Range Arena: one task class over the five tasks' data (efflong/tasks/lra).
+    **{name: 'efflong.tasks.lra:LRA'
+       for name in ('listops', 'text', 'retrieval', 'image', 'pathfinder')},
 }
 
 
