@@ -11,6 +11,12 @@ shift trick (section B of the paper's appendix): O(T * (T + S)) memory, never a 
 r is efflong.sinusoids.sinusoidal (tensor2tensor's timing signal). The authors' code also puts the
 sines before the cosines, but at the paper's frequencies 10000^(-2i / D), i < D / 2 (those of
 efflong.sinusoids.sinusoidal_paper, not interleaved).
+
+Decoding (`init_cache`, `attend_step`): the model runs segments of segment_len positions, each after a
+memory of the mem_len positions before it, so the query at absolute position t, in segment
+s = t // segment_len, sees the keys from s * segment_len - mem_len to t, at relative distances that
+continue across segments. The cache holds the keys and values of the last mem_len + segment_len
+positions (in position order), which covers every query's window.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efflong import errors
 from efflong.attention.dense import attend_allowed, check_shapes
 from efflong.mask import Mask
 from efflong.params import partitioned
@@ -83,6 +90,63 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, pos_proj: ja
   out, _ = attend_allowed(q + content_bias.astype(q.dtype), k, v, mask.materialize(t, s)[:, None],
                           scale, bias)
   return out.astype(q.dtype)
+
+
+def init_cache(batch: int, max_len: int, *, num_kv_heads: int, head_dim: int, dtype: Any,
+               mem_len: int, segment_len: int) -> dict[str, jax.Array]:
+  """The empty decoding cache (see the module docstring).
+
+  Args:
+    batch: B.
+    max_len: the longest sequence; the window W = min(mem_len + segment_len, max_len).
+    num_kv_heads, head_dim, dtype: of the cached keys and values.
+    mem_len: M, the segment memory of the model (model.mem_len, >= 0).
+    segment_len: L, the model's segment length (>= 1).
+  Returns:
+    'length' [B] int32; 'k', 'v' [B, W, K, H]: slot j holds absolute position length - W + j (a
+    negative one: nothing yet); 'mem_len', 'segment_len' [B] int32 (M and L, for attend_step).
+  """
+  for name, value, low in (('mem_len', mem_len, 0), ('segment_len', segment_len, 1)):
+    if not isinstance(value, int) or value < low:
+      raise errors.Error(f'xl decoding needs {name} an int >= {low}; got {value!r}.')
+  window = min(mem_len + segment_len, max_len)
+  kv = jnp.zeros((batch, window, num_kv_heads, head_dim), dtype)
+  return {'length': jnp.zeros((batch,), jnp.int32), 'k': kv, 'v': kv,
+          'mem_len': jnp.full((batch,), mem_len, jnp.int32),
+          'segment_len': jnp.full((batch,), segment_len, jnp.int32)}
+
+
+def attend_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                mask: Mask, pos_proj: jax.Array, content_bias: jax.Array, pos_bias: jax.Array,
+                scale: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`attend` of new positions q [B, T, N, H], k, v [B, T, K, H] after the cached ones, each query
+  over its segment's window (see the module docstring); O((W + T) T) per call.
+
+  mask.q_segment_ids [B, T]: 1 on real new positions, 0 on right-padding (None: all real).
+  Returns out [B, T, N, H] and the cache advanced past the real positions.
+  """
+  b, t, _, h = q.shape
+  w = cache['k'].shape[1]
+  scale = h ** -0.5 if scale is None else scale
+  real = jnp.ones((b, t), bool) if mask.q_segment_ids is None else mask.q_segment_ids != 0
+  keys = jnp.concatenate([cache['k'], k.astype(cache['k'].dtype)], axis=1)   # [B, W + T, K, H]
+  values = jnp.concatenate([cache['v'], v.astype(cache['v'].dtype)], axis=1)
+  length = cache['length'][:, None]
+  k_pos = length - w + jnp.arange(w + t)                                    # [B, W + T]
+  q_pos = length + jnp.arange(t)                                            # [B, T]
+  first = (q_pos // cache['segment_len'][:, None] * cache['segment_len'][:, None]
+           - cache['mem_len'][:, None])                                     # [B, T]
+  k_real = jnp.concatenate([k_pos[:, :w] >= 0, real], axis=1)
+  allowed = (k_real[:, None] & (k_pos[:, None] <= q_pos[..., None])
+             & (k_pos[:, None] >= first[..., None]))                        # [B, T, W + T]
+  # `attend`'s alignment puts query i at key index W + i: distance W + i - j = q_pos - k_pos.
+  bias = position_logits(q, pos_proj, pos_bias, w + t) * scale
+  out, _ = attend_allowed(q + content_bias.astype(q.dtype), keys, values, allowed[:, None], scale,
+                          bias)
+  keep = (real.sum(1, dtype=jnp.int32)[:, None] + jnp.arange(w))[..., None, None]  # [B, W, 1, 1]
+  new = dict(cache, length=cache['length'] + real.sum(1, dtype=jnp.int32),
+             k=jnp.take_along_axis(keys, keep, axis=1), v=jnp.take_along_axis(values, keep, axis=1))
+  return out.astype(q.dtype), new
 
 
 class RelativeParams(nnx.Module):
