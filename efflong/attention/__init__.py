@@ -273,7 +273,8 @@ register(Family('performer', performer.attend, inputs=('projection',),
 register(Family('lsh', lsh.attend, inputs=('rng',), module=lsh.hash_rng, before_step=lsh.reseed,
                 shared_qk=True))
 register(Family('xl', relative.attend, inputs=('pos_proj', 'content_bias', 'pos_bias'),
-                module=relative.relative_params, memory=True))
+                module=relative.relative_params, memory=True, init_cache=relative.init_cache,
+                attend_step=relative.attend_step))
 register(Family('linformer', linformer.attend, causal=False, inputs=('proj_k', 'proj_v'),
                 module=linformer.projections, unsupported_why=linformer.CAUSAL_WHY,
                 decode_why=f'it is not causal ({linformer.CAUSAL_WHY})'))
