@@ -9,9 +9,19 @@ Batch fields read (absent optional fields mean: one segment, positions 0..T-1):
 Segment id 0 marks padding. `global_tokens` ([B, T] bool, on `inputs`) flags tokens with full
 self-attention for the families that have them (longformer, bigbird); others refuse it. Packed rows need `positions` restarting at each segment (the task
 supplies them). The classifier pools over a whole row: one example per row.
+
+Cached decoding (kinds 'lm' and 'encoder_decoder', a family in attention.names(decode=True)):
+  cache = model.init_cache(batch_size, max_len)
+  logits [B, T, V], cache = model.prefill(batch, cache)      # the prompt, right-padded
+  logits [B, V], cache = model.decode_step(tokens [B], cache)  # one position per row
+The cache is {'length': [B] int32, 'layers': [each layer's cache]}; every leaf has the batch on
+axis 0 (rows can be reordered or repeated, e.g. for beam search). One sequence per row: segment
+ids mark real (1) and padding (0) positions, positions are absolute from cache['length'].
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +36,7 @@ from efflong.params import Dtype, partitioned
 
 Batch = dict[str, jax.Array]
 Memory = dict[str, jax.Array]  # Transformer-XL's segment memory: see init_memory
+Cache = dict[str, Any]  # a decoding cache: {'length': [B] int32, 'layers': [per-layer dicts]}
 
 
 def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
@@ -55,6 +66,13 @@ class Embedder(nnx.Module):
     self.head = None if cfg.tie_embeddings or not logits else dense(cfg.d_model, vocab_size, ('embed', 'vocab'),
                                                       dtype=dtype, rngs=rngs)
 
+  def check_length(self, max_len: int) -> None:
+    """Raises errors.Error if positions up to max_len have no encoding (a learned table's end)."""
+    table = self.positions.learned
+    if table is not None and max_len > table.max_len:
+      raise errors.Error(f'decoding max_len={max_len} exceeds the learned position table '
+                         f'({table.max_len} = task.seq_len).')
+
   def encode(self, tokens: jax.Array, positions: jax.Array | None,
              key: jax.Array | None) -> jax.Array:
     """[B, T] tokens -> [B, T, D]."""
@@ -72,12 +90,27 @@ class Embedder(nnx.Module):
     return logits.astype(jnp.float32)
 
 
+def _decode_stack(embedder: Embedder, stack: Stack, tokens: jax.Array,
+                  segment_ids: jax.Array | None, cache: Cache,
+                  global_tokens: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+  """New positions tokens [B, T] (segment_ids [B, T]: 1 real, 0 right-padding; None: all real)
+  through a causal stack's cache -> (logits [B, T, V], cache); positions continue cache['length']."""
+  length = cache['length']
+  positions = length[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+  x = embedder.encode(tokens, positions, None)
+  x, layers = stack.decode(x, cache['layers'], segment_ids=segment_ids,
+                           global_tokens=global_tokens)
+  real = tokens.shape[1] if segment_ids is None else (segment_ids != 0).sum(1, dtype=jnp.int32)
+  return embedder.decode(x), {'length': length + real, 'layers': layers}
+
+
 class LanguageModel(nnx.Module):
   """Decoder-only, causal (kind 'lm'); with causal=False it is a token-level encoder ('encoder')."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
                attention_kw: dict, causal: bool = True, rngs: nnx.Rngs, **unused_task):
     dtype = jnp.dtype(cfg.dtype)
+    self.max_len, self.mem_len = max_len, cfg.mem_len
     self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs)
     self.stack = Stack(cfg, causal=causal, max_len=max_len, attention_kw=attention_kw, dtype=dtype,
                        rngs=rngs)
@@ -108,6 +141,38 @@ class LanguageModel(nnx.Module):
     new = {'hidden': jax.lax.stop_gradient(last(jnp.concatenate([memory['hidden'], inputs], 2), 2)),
            'segment_ids': last(jnp.concatenate([mem_seg, seg], 1), 1)}
     return self.embedder.decode(x), new
+
+  def init_cache(self, batch_size: int, max_len: int, *, mem_len: int | None = None) -> Cache:
+    """An empty decoding cache for batch_size rows of up to max_len positions (prompt included).
+
+    mem_len: Transformer-XL's segment memory (None: model.mem_len); the family sees it with the
+    training segment length (task.seq_len) if its init_cache declares them.
+
+    Raises:
+      errors.Error: the model is bidirectional or its attention family cannot decode.
+    """
+    self.embedder.check_length(max_len)
+    mem_len = self.mem_len if mem_len is None else mem_len
+    layers = self.stack.init_cache(batch_size, max_len, mem_len=mem_len, segment_len=self.max_len)
+    return {'length': jnp.zeros((batch_size,), jnp.int32), 'layers': layers}
+
+  def prefill(self, batch: Batch, cache: Cache) -> tuple[jax.Array, Cache]:
+    """Runs the prompts through the model and caches them.
+
+    Args:
+      batch: inputs [B, T] right-padded prompts; segment_ids [B, T] 1 on real tokens, 0 on
+        padding (absent: all real); global_tokens [B, T] bool (longformer, bigbird), optional.
+      cache: from init_cache (or a previous call: the prompts then continue each row).
+    Returns:
+      logits [B, T, V] float32 (meaningless at padding) and the cache.
+    """
+    return _decode_stack(self.embedder, self.stack, batch['inputs'], batch.get('segment_ids'),
+                         cache, batch.get('global_tokens'))
+
+  def decode_step(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    """One new token per row: tokens [B] int32 -> (logits [B, V] float32, cache)."""
+    logits, cache = _decode_stack(self.embedder, self.stack, tokens[:, None], None, cache)
+    return logits[:, 0], cache
 
 
 class Encoder(LanguageModel):
@@ -142,6 +207,38 @@ class EncoderDecoder(nnx.Module):
     x = self.embedder.encode(batch['decoder_inputs'], batch.get('decoder_positions'), keys[2])
     x = self.decoder(x, segment_ids=dec_seg, key=keys[3], context=enc, context_segment_ids=enc_seg)
     return self.embedder.decode(x)
+
+  def init_cache(self, batch_size: int, max_len: int) -> Cache:
+    """An empty decoder cache for batch_size rows of up to max_len target positions; prefill adds
+    each decoder layer's cross-attention keys and values ('cross')."""
+    self.embedder.check_length(max_len)
+    return {'length': jnp.zeros((batch_size,), jnp.int32),
+            'layers': self.decoder.init_cache(batch_size, max_len)}
+
+  def prefill(self, batch: Batch, cache: Cache) -> tuple[jax.Array, Cache]:
+    """Encodes the source once and runs the target prompts through the decoder.
+
+    Args:
+      batch: inputs [B, S] source, segment_ids [B, S] (1 real, 0 padding; absent: all real),
+        positions?, global_tokens?; decoder_inputs [B, T] right-padded target prompts (at least
+        the start token), decoder_segment_ids [B, T] (1 real, 0 padding; absent: all real).
+      cache: from init_cache.
+    Returns:
+      logits [B, T, V] float32 and the cache, with each layer's cross-attention keys and values
+      of the encoder output ('cross': k, v [B, S, K, H], segment_ids [B, S]).
+    """
+    enc = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), None),
+                       segment_ids=batch.get('segment_ids'), key=None,
+                       global_tokens=batch.get('global_tokens'))
+    cache = {**cache, 'layers': self.decoder.context_cache(cache['layers'], enc,
+                                                           batch.get('segment_ids'))}
+    return _decode_stack(self.embedder, self.decoder, batch['decoder_inputs'],
+                         batch.get('decoder_segment_ids'), cache)
+
+  def decode_step(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    """One new target token per row: tokens [B] int32 -> (logits [B, V] float32, cache)."""
+    logits, cache = _decode_stack(self.embedder, self.decoder, tokens[:, None], None, cache)
+    return logits[:, 0], cache
 
 
 class Classifier(nnx.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import jax
@@ -20,6 +22,10 @@ class Attention(nnx.Module):
   static: a model for other hyper-parameters (an eval-time override) is a second graph over the
   same parameters. max_len (the longest input) and stack_modules (a dict shared by the layers of
   a stack) reach only the family's module factory.
+
+  Decoding (a causal layer of a family that decodes): `init_cache` makes the family's cache and
+  `decode` attends new positions through it. A cross-attention layer decodes by computing its
+  keys and values once (`context_cache`) and reading them at every step (`attend_context`).
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, num_kv_heads: int | None = None,
@@ -36,6 +42,11 @@ class Attention(nnx.Module):
                  head_dim=head_dim, max_len=max_len, stack_modules=stack_modules, dtype=dtype,
                  rngs=rngs)
     self.family_module = fam.make_module(family_kw or {}, **layer)
+    can_decode = causal and fam.decode
+    self.step = fam.bind_step(impl=impl, **(family_kw or {})) if can_decode else None
+    self.make_cache = (functools.partial(fam.make_cache, num_kv_heads=num_kv_heads,
+                                         head_dim=head_dim, dtype=dtype, **(family_kw or {}))
+                       if can_decode else None)
     self.family, self.takes_memory = family, fam.memory
     self.q = head_projection(d_model, num_heads, head_dim, dtype=dtype, rngs=rngs)
     if fam.shared_qk and num_kv_heads != num_heads:
@@ -90,3 +101,56 @@ class Attention(nnx.Module):
     k = q if self.k is None else self.k(context)
     out = self.attend(q, k, self.v(context), mask=mask, **inputs)
     return self.o(out)
+
+  def init_cache(self, batch: int, max_len: int, *, mem_len: int | None = None,
+                 segment_len: int | None = None) -> dict[str, jax.Array]:
+    """The family's empty cache for batch rows of up to max_len positions (`Family.make_cache`).
+
+    mem_len, segment_len: the model's segment memory and training segment length (Transformer-XL);
+    they reach the family's init_cache only if it declares them.
+
+    Raises:
+      errors.Error: the layer is bidirectional or its family cannot decode (naming why).
+    """
+    if not self.causal:
+      raise errors.Error(f'a bidirectional attention layer ({self.family!r}) cannot decode with a '
+                         'cache; decoding needs a causal stack.')
+    if self.make_cache is None:
+      attention.get(self.family).check_decode()
+    return self.make_cache(batch, max_len, mem_len=mem_len, segment_len=segment_len)
+
+  def decode(self, x: jax.Array, cache: dict[str, jax.Array], *, segment_ids: jax.Array | None,
+             global_tokens: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Causal self-attention of new positions through the cache (prefill or one decoding step).
+
+    Args:
+      x: [B, T, D] inputs at the new positions, which sit at cache['length'] + 0..T-1.
+      cache: from init_cache (or the previous call).
+      segment_ids: [B, T] 1 on real new positions, 0 on right-padding (not cached), or None.
+      global_tokens: [B, T] bool (longformer), or None.
+    Returns:
+      [B, T, D] and the cache with the real new positions added.
+    """
+    mask = Mask.from_segments(segment_ids, causal=True, global_tokens=global_tokens)
+    inputs = {} if self.family_module is None else self.family_module(x)
+    q = self.q(x)
+    k = q if self.k is None else self.k(x)
+    out, cache = self.step(q, k, self.v(x), cache, mask=mask, **inputs)
+    return self.o(out), cache
+
+  def context_cache(self, context: jax.Array,
+                    context_segment_ids: jax.Array | None) -> dict[str, jax.Array]:
+    """Cross-attention's keys and values of context [B, S, D], computed once for decoding:
+    k, v [B, S, K, H] and segment_ids [B, S] (ones if None)."""
+    if context_segment_ids is None:
+      context_segment_ids = jnp.ones(context.shape[:2], jnp.int32)
+    return {'k': self.k(context), 'v': self.v(context), 'segment_ids': context_segment_ids}
+
+  def attend_context(self, x: jax.Array, kv: dict[str, jax.Array], *,
+                     segment_ids: jax.Array | None) -> jax.Array:
+    """Cross-attention from x [B, T, D] to the keys and values of context_cache; segment_ids
+    [B, T] of x (None: all 1, one sequence per row). Equals __call__(x, context=...)."""
+    if segment_ids is None:
+      segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    mask = Mask(causal=self.causal, q_segment_ids=segment_ids, kv_segment_ids=kv['segment_ids'])
+    return self.o(self.attend(self.q(x), kv['k'], kv['v'], mask=mask))

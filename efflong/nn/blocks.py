@@ -14,6 +14,8 @@ from efflong.nn.feedforward import FeedForward
 from efflong.nn.layers import dropout, layer_norm
 from efflong.params import Dtype
 
+LayerCache = dict  # a layer's decoding cache: {'self': family cache, 'cross'?: {k, v, segment_ids}}
+
 
 class Block(nnx.Module):
   """Self-attention, optional cross-attention, feed-forward; each in a residual branch.
@@ -63,6 +65,20 @@ class Block(nnx.Module):
                                   context_segment_ids=context_segment_ids))
     return self_fn, cross_fn
 
+  def _forward(self, x: jax.Array, self_fn, cross_fn, keys: list) -> jax.Array:
+    """The block on x [B, T, D] with the given attention functions (see _attentions)."""
+    x = self._residual(x, self.self_norm, self_fn, keys[0])
+    if cross_fn is not None:
+      x = self._residual(x, self.cross_norm, cross_fn, keys[1])
+    return self._residual(x, self.ff_norm, lambda h: self.ff(h, key=keys[3]), keys[2])
+
+  def _attention_delta(self, x: jax.Array, self_fn, cross_fn, keys: list) -> jax.Array:
+    """F of a reversible layer with the given attention functions."""
+    delta = self._branch(x, self.self_norm, self_fn, keys[0])
+    if cross_fn is not None:
+      delta = delta + self._branch(x + delta, self.cross_norm, cross_fn, keys[1])
+    return delta
+
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None, key: jax.Array | None,
                global_tokens: jax.Array | None = None, context: jax.Array | None = None,
                context_segment_ids: jax.Array | None = None, memory: jax.Array | None = None,
@@ -76,10 +92,7 @@ class Block(nnx.Module):
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
     self_fn, cross_fn = self._attentions(segment_ids, global_tokens, context, context_segment_ids,
                                          memory, memory_segment_ids)
-    x = self._residual(x, self.self_norm, self_fn, keys[0])
-    if cross_fn is not None:
-      x = self._residual(x, self.cross_norm, cross_fn, keys[1])
-    return self._residual(x, self.ff_norm, lambda h: self.ff(h, key=keys[3]), keys[2])
+    return self._forward(x, self_fn, cross_fn, keys)
 
   def attention_delta(self, x: jax.Array, *, key: jax.Array | None, segment_ids: jax.Array | None,
                       global_tokens: jax.Array | None = None, context: jax.Array | None = None,
@@ -87,15 +100,48 @@ class Block(nnx.Module):
     """F of a reversible layer (pre-LN): what the attention sub-layers add to x [B, T, D]."""
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
     self_fn, cross_fn = self._attentions(segment_ids, global_tokens, context, context_segment_ids)
-    delta = self._branch(x, self.self_norm, self_fn, keys[0])
-    if cross_fn is not None:
-      delta = delta + self._branch(x + delta, self.cross_norm, cross_fn, keys[1])
-    return delta
+    return self._attention_delta(x, self_fn, cross_fn, keys)
 
   def ff_delta(self, x: jax.Array, *, key: jax.Array | None) -> jax.Array:
     """G of a reversible layer (pre-LN): what the feed-forward sub-layer adds to x [B, T, D]."""
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
     return self._branch(x, self.ff_norm, lambda h: self.ff(h, key=keys[3]), keys[2])
+
+  def init_cache(self, batch: int, max_len: int, **layer: int | None) -> LayerCache:
+    """{'self': the self-attention family's empty cache}; layer: mem_len, segment_len."""
+    return {'self': self.self_attn.init_cache(batch, max_len, **layer)}
+
+  def context_cache(self, cache: LayerCache, context: jax.Array,
+                    context_segment_ids: jax.Array | None) -> LayerCache:
+    """cache plus 'cross': the cross-attention's keys and values of context [B, S, D]."""
+    return {**cache, 'cross': self.cross_attn.context_cache(context, context_segment_ids)}
+
+  def _cached_attentions(self, cache: LayerCache, segment_ids, global_tokens):
+    """(self_fn, cross_fn, new cache): attention functions that read the cache; self_fn stores
+    the self-attention's updated cache in the returned dict when called."""
+    new = dict(cache)
+
+    def self_fn(h):
+      out, new['self'] = self.self_attn.decode(h, cache['self'], segment_ids=segment_ids,
+                                               global_tokens=global_tokens)
+      return out
+
+    cross_fn = None if self.cross_attn is None else (
+        lambda h: self.cross_attn.attend_context(h, cache['cross'], segment_ids=segment_ids))
+    return self_fn, cross_fn, new
+
+  def decode(self, x: jax.Array, cache: LayerCache, *, segment_ids: jax.Array | None,
+             global_tokens: jax.Array | None = None,
+             reversible_delta: bool = False) -> tuple[jax.Array, LayerCache]:
+    """The block on new positions x [B, T, D] through its cache (no dropout).
+
+    segment_ids: [B, T] 1 on real new positions, 0 on right-padding, or None (all real).
+    reversible_delta: return F (attention_delta) rather than the block's output.
+    Returns the output (or F) [B, T, D] and the updated cache.
+    """
+    self_fn, cross_fn, new = self._cached_attentions(cache, segment_ids, global_tokens)
+    run = self._attention_delta if reversible_delta else self._forward
+    return run(x, self_fn, cross_fn, [None] * 4), new
 
 
 class Stack(nnx.Module):
@@ -146,3 +192,36 @@ class Stack(nnx.Module):
                 memory_segment_ids=memory_segment_ids)
     x = x if self.final_norm is None else self.final_norm(x)
     return x if memory is None else (x, jnp.stack(inputs))
+
+  def init_cache(self, batch: int, max_len: int, **layer: int | None) -> list[LayerCache]:
+    """Each layer's empty decoding cache (Block.init_cache); layer: mem_len, segment_len."""
+    return [layer_.init_cache(batch, max_len, **layer) for layer_ in self.layers]
+
+  def context_cache(self, caches: list[LayerCache], context: jax.Array,
+                    context_segment_ids: jax.Array | None) -> list[LayerCache]:
+    """caches with each layer's cross-attention keys and values of context [B, S, D]."""
+    return [layer.context_cache(c, context, context_segment_ids)
+            for layer, c in zip(self.layers, caches)]
+
+  def decode(self, x: jax.Array, caches: list[LayerCache], *, segment_ids: jax.Array | None,
+             global_tokens: jax.Array | None = None) -> tuple[jax.Array, list[LayerCache]]:
+    """The stack on new positions x [B, T, D] through each layer's cache -> ([B, T, D], caches).
+
+    segment_ids: [B, T] 1 on real new positions, 0 on right-padding, or None. A reversible
+    stack runs its two streams forward as reversible.forward does (decoding needs no inverse).
+    """
+    new = []
+    kw = dict(segment_ids=segment_ids, global_tokens=global_tokens)
+    if self.reversible:
+      x1 = x2 = x
+      for layer, cache in zip(self.layers, caches):
+        delta, cache = layer.decode(x2, cache, reversible_delta=True, **kw)
+        x1 = x1 + delta
+        x2 = x2 + layer.ff_delta(x1, key=None)
+        new.append(cache)
+      x = (x1 + x2) / 2
+    else:
+      for layer, cache in zip(self.layers, caches):
+        x, cache = layer.decode(x, cache, **kw)
+        new.append(cache)
+    return (x if self.final_norm is None else self.final_norm(x)), new
