@@ -17,19 +17,26 @@ snakes2.py, with LRA's settings per resolution from LRA's lra_benchmarks/data/pa
     the markers' distance gives the label away.
   - Distractors: contour_length // 3 paddles each, as many as LRA's paddle budget allows (32: 20
     paddles, so 5 distractors of 4 paddles at contour length 14; 64: 22; 128: 35; 256: 30).
-  - A paddle turns from the previous one by delta with density ~ cos(continuity * delta)^2 for
-    |delta| < pi / (2 continuity) (the original's weighting of candidate heads on a circle).
+  - Each paddle turns from the previous one by delta, |delta| < pi / (2 continuity): among _TURNS
+    candidate turns (one per equal bin, jittered) it draws one of those that fit, weighted by
+    cos(continuity * delta)^2, as the original weights the free candidate heads on a circle. A
+    contour that finds none fails; a failed target pair is redrawn from scratch.
   - Contours never come within the link radius J = floor(gap) + 1 pixels (Chebyshev) of each
     other, nor cross themselves, and consecutive paddles of a contour are at most J apart. So a flood
     fill over the nonzero pixels that links pixels up to J apart (a (2J+1)^2 neighbourhood) finds
     exactly the contours: it joins the two markers exactly when the label is 1.
-Differences from the original: no anti-aliasing (every drawn pixel is 255, the background 0); the
-turn is drawn from the continuous density, not from the pixel candidates on a circle; a target pair
-or paddle that does not fit is redrawn (the original retries too, with other limits); contours keep
-a clearance of J pixels instead of the original's dilated-mask margin; no segmentation variant.
+Differences from the original: no anti-aliasing (every drawn pixel is 255, the background 0), so
+lines are 1 pixel wide at 32 and 64 and 2 at 128 and 256, markers are plain disks (3x3 at 32), and
+the gap at 32 is 1.5 pixels (margin 1 with anti-aliasing) so that it survives rounding; the
+candidate turns are jittered bins, not the pixels on a circle; a paddle starts a gap after the
+previous one ends (the original pivots on a point a margin behind its end); contours keep a
+clearance of J pixels (the original's dilated mask: about the margin); distractors that do not fit
+in _TRIES placements are left out (as the original's allow_incomplete); no single-paddle
+distractors (LRA's runs had none either) and no segmentation variant.
 
-Example i of a split is a function of (seed, split, i) only (its own random stream), so a split can
-be generated in parallel or resumed. Labels alternate (even index 1, odd index 0): every split is
+Example i of a split is a function of (seed, split, i) only (its own numpy random stream), so a
+split can be generated in parallel or resumed; images are generated _CHUNK at a time, vectorised
+over the batch (about 300 Pathfinder-32 images/s on one busy core). Labels alternate (even index 1, odd index 0): every split is
 balanced exactly (to one example when its size is odd).
 
 Task fields (task.<name>, default):
