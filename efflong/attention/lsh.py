@@ -38,6 +38,15 @@ padding and packing, and a token never attends to itself unless nothing else is 
 is SELF, a large negative, section 2 "Causal masking for shared-QK attention"). T is padded inside to
 a multiple of bucket_size. Memory is O(n_hashes * T * bucket_size) (times n_hashes more for the
 duplicate count, which compares every round's bucket and sorted index of both tokens).
+
+Decoding (`init_cache`, `attend_step`; the band form only): per row, head, round and bucket, a ring of
+the positions of the bucket's C most recent keys. A new query's window in a round is its bucket's
+ring plus itself, read by index (O(R C) keys per token and head, never the whole cache), and N_ij
+counts the rounds whose ring holds key j: this is the band exactly. The bucket count must not follow
+the sequence: n_buckets=None takes `default_buckets(max_len)`, what `attend` takes over max_len
+positions (the twin of a shorter sequence is `attend` with that n_buckets given). In the parallel
+form the band's C slots are shared by all the segments of a packed row (another sequence's
+same-bucket keys take slots, then are masked); a decoded row holds one sequence, so the two agree.
 """
 
 from __future__ import annotations
@@ -362,6 +371,122 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, rng: jax.Arr
   else:
     out = out[:, :, 0]
   return jnp.moveaxis(out, 1, 2)[:, :t].astype(q.dtype)
+
+
+def init_cache(batch: int, max_len: int, *, num_kv_heads: int, head_dim: int, dtype: Any,
+               n_hashes: int = 1, bucket_size: int = 64,
+               n_buckets: int | None = None) -> dict[str, jax.Array]:
+  """The empty decoding cache of the causal band form (see `attend_step`).
+
+  Args:
+    batch: B.
+    max_len: S, the longest sequence. n_buckets=None takes `default_buckets(max_len, ...)`: the
+      count `attend` would take over max_len positions.
+    num_kv_heads: N (shared QK: the keys are the queries, one per head).
+    head_dim, dtype: H and the cached keys' and values' dtype.
+    n_hashes, bucket_size, n_buckets: as `attend`.
+  Returns:
+    'length' [B] int32; 'k' [B, S, N, H] the unit keys; 'v' [B, S, N, H]; 'ring' [B, N, R,
+    n_buckets, C] int32, C = min(bucket_size, S): per head, round and bucket, the positions of its
+    C most recent keys (-1: none yet).
+  """
+  check(n_hashes, bucket_size, n_buckets)
+  n_buckets = default_buckets(max_len, bucket_size, head_dim) if n_buckets is None else n_buckets
+  kv = jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+  return {'length': jnp.zeros((batch,), jnp.int32), 'k': kv, 'v': kv,
+          'ring': jnp.full((batch, num_kv_heads, n_hashes, n_buckets, min(bucket_size, max_len)),
+                           -1, jnp.int32)}
+
+
+def attend_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                mask: Mask, rng: jax.Array, n_hashes: int = 1, bucket_size: int = 64,
+                n_buckets: int | None = None, attend_across_buckets: bool = False,
+                allow_duplicates: bool = False, causal_band: bool = True
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The causal band form of `attend` for new positions after the cached ones.
+
+  In each round a query sees its own key (logit SELF) and the C most recent earlier keys of its
+  bucket: the cache's ring of that bucket, read by index (O(R C H) per token and head, flat in
+  the context). With n_hashes > 1 and allow_duplicates=False a key in the query's window in N_ij
+  rounds gets -log N_ij, N_ij counted over the query's rings. The new positions are taken one at a
+  time (a scan: a prefill of T positions is T such steps).
+
+  Args:
+    q: [B, T, N, H] the new queries.
+    k: [B, T, N, H] their keys before normalisation (shared QK: q).
+    v: [B, T, N, H] (the layer makes K = N for shared QK).
+    cache: from `init_cache` with the same n_hashes, bucket_size and n_buckets.
+    mask: q_segment_ids [B, T]: 1 on real new positions, 0 on right-padding (None: all real).
+    rng: the key the rotations are drawn from (the one the cache was filled with).
+    n_hashes, bucket_size, n_buckets, allow_duplicates: as `attend`.
+    attend_across_buckets, causal_band: must be False and True (the strictly causal form).
+  Returns:
+    out [B, T, N, H], equal to the causal `attend` over all the row's positions (with the cache's
+    n_buckets) at each real new one, and the cache advanced past the real positions.
+  """
+  check(n_hashes, bucket_size, n_buckets, attend_across_buckets=attend_across_buckets,
+        allow_duplicates=allow_duplicates, causal_band=causal_band)
+  if attend_across_buckets or not causal_band:
+    raise errors.Error(f'lsh decodes only the strictly causal band (causal_band=True, '
+                       f'attend_across_buckets=False); got causal_band={causal_band}, '
+                       f'attend_across_buckets={attend_across_buckets}, whose outputs depend on '
+                       'future tokens.')
+  b, t, n, h = q.shape
+  ring = cache['ring']
+  _, _, rounds, nb, c = ring.shape
+  s_max = cache['k'].shape[1]
+  if (rounds, c) != (n_hashes, min(bucket_size, s_max)) or n_buckets not in (None, nb):
+    raise errors.Error(f'lsh cache built for n_hashes={rounds}, n_buckets={nb}, ring {c} wide; '
+                       f'got n_hashes={n_hashes}, bucket_size={bucket_size}, n_buckets={n_buckets} '
+                       '(init_cache takes the same ones).')
+  if k.shape != q.shape or v.shape != q.shape or cache['k'].shape[2:] != (n, h):
+    raise errors.Error(f'lsh decoding is shared-QK self-attention with N heads of keys and values: '
+                       f'q, k, v [B, T, N, H] and a cache for {cache["k"].shape[2]} heads; got q '
+                       f'{q.shape}, k {k.shape}, v {v.shape}.')
+  real = jnp.ones((b, t), bool) if mask.q_segment_ids is None else mask.q_segment_ids != 0
+  k = k * jax.lax.rsqrt(jnp.sum(jnp.square(k.astype(jnp.float32)), -1, keepdims=True) + 1e-6
+                        ).astype(k.dtype)
+  rot = rotations(rng, num_heads=n, n_hashes=rounds, head_dim=h, n_buckets=nb)
+  bucket = jnp.moveaxis(buckets(k, rot, nb), 3, 0)                     # [T, B, N, R]
+  pos = cache['length'][None] + jnp.arange(t)[:, None]                 # [T, B]
+  dedup = rounds > 1 and not allow_duplicates
+  bi, ni, ri = jnp.ix_(jnp.arange(b), jnp.arange(n), jnp.arange(rounds))
+
+  def one(state, x):
+    keys, values, ring = state
+    q_t, k_t, v_t, bucket_t, pos_t, real_t = x        # [B, N, H] (3), [B, N, R], [B], [B]
+    rows = ring[bi, ni, ri, bucket_t]                  # [B, N, R, C]: the window's positions
+    at = (bi[..., None], jnp.maximum(rows, 0), ni[..., None])
+    window = lambda own, cached: jnp.concatenate(     # [B, N, R, 1 + C, H]: self first
+        [jnp.broadcast_to(own[:, :, None, None], (b, n, rounds, 1, h)), cached[at]], axis=3)
+    wk, wv = window(k_t, keys), window(v_t, values)
+    window_pos = jnp.concatenate([jnp.broadcast_to(pos_t[:, None, None, None], (b, n, rounds, 1)),
+                             rows], axis=3)            # [B, N, R, 1 + C]
+    logits = jnp.einsum('BNH,BNRCH->BNRC', q_t, wk, preferred_element_type=jnp.float32) * h ** -0.5
+    if dedup:  # N_ij: the rounds whose window (ring) of the query holds the key.
+      count = jnp.sum(jnp.any(window_pos[..., None, None] == rows[:, :, None, None], -1), -1)
+      logits = logits - jnp.log(jnp.maximum(count, 1).astype(jnp.float32))
+    logits = jnp.where(jnp.arange(1 + c) == 0, SELF, logits)
+    probs, total, lse = softmax(logits, window_pos >= 0)
+    out = jnp.einsum('BNRC,BNRCH->BNRH', probs.astype(wv.dtype), wv,
+                     preferred_element_type=jnp.float32) / total[..., None]
+    out = jnp.sum(out * jax.nn.softmax(lse, axis=2)[..., None], axis=2)   # [B, N, H]
+    # Write a real position: its key and value, and in each round's ring over the oldest slot.
+    slot = jnp.where(real_t, pos_t, s_max)                                # s_max: dropped
+    keys = keys.at[jnp.arange(b), slot].set(k_t.astype(keys.dtype), mode='drop')
+    values = values.at[jnp.arange(b), slot].set(v_t.astype(values.dtype), mode='drop')
+    oldest = jnp.arange(c) == jnp.argmin(rows, axis=-1)[..., None]
+    ring = ring.at[bi, ni, ri, bucket_t].set(
+        jnp.where(oldest & real_t[:, None, None, None], pos_t[:, None, None, None], rows))
+    return (keys, values, ring), out
+
+  time_major = lambda x: jnp.moveaxis(x, 1, 0)
+  (keys, values, ring), out = jax.lax.scan(
+      one, (cache['k'], cache['v'], ring),
+      (time_major(q), time_major(k), time_major(v), bucket, pos, time_major(real)))
+  new = dict(cache, length=cache['length'] + real.sum(1, dtype=jnp.int32), k=keys, v=values,
+             ring=ring)
+  return time_major(out).astype(q.dtype), new
 
 
 class HashKey(nnx.Variable):
