@@ -271,7 +271,7 @@ register(Family('performer', performer.attend, inputs=('projection',),
                 module=performer.feature_matrix, before_step=performer.redraw,
                 init_cache=performer.init_cache, attend_step=performer.attend_step))
 register(Family('lsh', lsh.attend, inputs=('rng',), module=lsh.hash_rng, before_step=lsh.reseed,
-                shared_qk=True))
+                shared_qk=True, init_cache=lsh.init_cache, attend_step=lsh.attend_step))
 register(Family('xl', relative.attend, inputs=('pos_proj', 'content_bias', 'pos_bias'),
                 module=relative.relative_params, memory=True, init_cache=relative.init_cache,
                 attend_step=relative.attend_step))
