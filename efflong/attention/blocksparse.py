@@ -269,3 +269,48 @@ def merge(parts: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Arra
   lse = functools.reduce(jnp.logaddexp, [lse for _, lse in parts])
   out = sum(o * jnp.exp(l - lse)[..., None] for o, l in parts)
   return out, lse
+
+
+# Decoding: each new query reads its own M keys, gathered by position (the sparse families' steps).
+
+
+def gather_positions(x: jax.Array, index: jax.Array) -> jax.Array:
+  """Keys or values at per-query positions.
+
+  Args:
+    x: [B, S, K, H].
+    index: [B, T, 1, M] positions in [0, S) shared by the query heads, or [B, T, N, M] one set per
+      query head (query head n reads kv head n // (N / K)).
+  Returns:
+    [B, T, M, K, H], or [B, T, M, N, H] with one set per query head.
+  """
+  b, kh = x.shape[0], x.shape[2]
+  rows = jnp.arange(b)[:, None, None, None]
+  if index.shape[2] == 1:
+    return x[rows[..., 0], index[:, :, 0]]
+  n = index.shape[2]
+  heads = (jnp.arange(n) // (n // kh))[None, None, :, None]
+  return jnp.moveaxis(x[rows, index, heads], 3, 2)
+
+
+def attend_gathered(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                    scale: float) -> tuple[jax.Array, jax.Array]:
+  """Softmax attention of every query over its own gathered keys (`gather_positions`).
+
+  Args:
+    q: [B, T, N, H].
+    k, v: [B, T, M, Kx, H]: M keys per query, Kx kv heads (K shared by N / K query heads, or N).
+    allowed: [B, T, 1|N, M] bool.
+    scale: logit scale.
+  Returns:
+    out [B, T, N, H] float32 (zeros where nothing is allowed) and lse [B, T, N] float32.
+  """
+  b, t, n, h = q.shape
+  kx = k.shape[3]
+  qg = q.reshape(b, t, kx, n // kx, h)
+  logits = jnp.einsum('BTKGH,BTMKH->BTKGM', qg, k, preferred_element_type=jnp.float32) * scale
+  ok = allowed.reshape(b, t, kx, n // kx, -1) if allowed.shape[2] == n else allowed[:, :, :, None]
+  probs, total, lse = softmax(logits, ok)
+  out = jnp.einsum('BTKGM,BTMKH->BTKGH', probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32) / total[..., None]
+  return out.reshape(b, t, n, h), lse.reshape(b, t, n)

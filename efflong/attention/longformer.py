@@ -10,6 +10,12 @@ Computed in three exact pieces, O(T * (window + G)) for G global slots:
   3. the G global rows against all keys, overwriting their rows.
 Global rows use their own projections Q_g, K_g, V_g by default (Sec. 3.1, "Linear Projections for
 Global Attention"): the layer passes them as `global_qkv`; piece 2 uses the ordinary K, V.
+
+Causal, a global row sees only earlier keys, so the first G positions as global tokens decode token
+by token: init_cache / attend_step keep the window ring of `local` plus the G global tokens' keys and
+values (and their global projections), O(window + G) per row whatever the context. Per-example flags
+(mask.global_tokens) are refused when decoding: a flagged token anywhere would attend to every
+earlier key (through K_g, V_g), which only a cache of the whole context could serve.
 """
 
 from __future__ import annotations
@@ -176,3 +182,95 @@ def global_projections(hyper: dict[str, Any], *, d_model: int, num_heads: int, n
     return None
   return GlobalProjections(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                            head_dim=head_dim, dtype=dtype, rngs=rngs)
+
+
+def init_cache(batch: int, max_len: int, *, num_kv_heads: int, head_dim: int, dtype, window: int,
+               dilation: local.Dilation = 1, global_tokens: int = 0,
+               separate_global: bool = True) -> dict[str, jax.Array]:
+  """An empty cache: the window ring of `local.init_cache` plus global_k, global_v [B, G, K, H]
+  (and global_kg, global_vg, the global projections' keys and values, when separate_global).
+
+  Its size does not depend on max_len.
+  """
+  if not isinstance(global_tokens, int) or not 0 <= global_tokens <= max_len:
+    raise errors.Error(f'global_tokens={global_tokens!r} must be an int in [0, max_len={max_len}].')
+  cache = local.init_cache(batch, max_len, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           dtype=dtype, window=window, dilation=dilation)
+  slots = jnp.zeros((batch, global_tokens, num_kv_heads, head_dim), dtype)
+  names = ('global_k', 'global_v') + (('global_kg', 'global_vg') if separate_global else ())
+  return {**cache, **{name: slots for name in names}} if global_tokens else cache
+
+
+def step_with_globals(q: jax.Array, part: tuple[jax.Array, jax.Array], keys: jax.Array,
+                      values: jax.Array, rows_qkv: tuple[jax.Array, jax.Array, jax.Array],
+                      positions: jax.Array, scale: float) -> jax.Array:
+  """A decoding step's global columns and rows (pieces 2 and 3 of the module docstring), with the
+  first G positions as the global tokens.
+
+  Args:
+    q: [B, T, N, H] the new queries.
+    part: (out [B, T, N, H], lse [B, T, N]) of each query over its pattern's non-global keys.
+    keys, values: [B, G, K, H] of positions 0..G-1 (all those up to the new positions written).
+    rows_qkv: (q_g [B, T, N, H], k_g, v_g [B, G, K, H]) for the global rows.
+    positions: [B, T] absolute positions of the new queries.
+    scale: logit scale.
+  Returns:
+    [B, T, N, H] float32.
+  """
+  g = keys.shape[1]
+  seen = (jnp.arange(g) <= positions[:, :, None])[:, None]              # [B, 1, T, G]
+  out, _ = blocksparse.merge([part, dense.attend_allowed(q, keys, values, seen, scale)])
+  rows, _ = dense.attend_allowed(*rows_qkv, seen, scale)
+  return jnp.where((positions < g)[:, :, None, None], rows, out)
+
+
+def attend_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                mask: Mask, window: int, dilation: local.Dilation = 1, global_tokens: int = 0,
+                separate_global: bool = True,
+                global_qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                block: int | None = None,
+                scale: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal Longformer attention of T new positions over the cache and themselves.
+
+  A query at position p >= G sees its window's non-global keys and the G global keys; a global
+  token (p < G) sees every key up to p through its global projections, all of them global.
+
+  Args:
+    q: [B, T, N, H] queries of the new positions (absolute positions cache['length'] + i).
+    k, v: [B, T, K, H] their keys and values; K divides N.
+    cache: from init_cache.
+    mask: causal; q_segment_ids [B, T] marks real new positions (1) and right-padding (0); no
+      global_tokens flags (see the module docstring).
+    window, dilation, global_tokens, separate_global: as in `attend`.
+    global_qkv: (q_g, k_g, v_g) of the new positions, shaped like (q, k, v), as in `attend`.
+    block: attend's tile size; unused here (a step gathers its keys).
+    scale: logit scale; default H ** -0.5.
+  Returns:
+    out [B, T, N, H] (finite, arbitrary at padding) and the cache with the real positions added.
+  """
+  del block
+  local.check_positive(window=window, dilation=dilation)
+  local.check_step(q, k, v, mask, 'longformer', global_tokens=True)
+  g = global_tokens
+  if not isinstance(g, int) or g < 0 or (g and cache['global_k'].shape[1] != g):
+    raise errors.Error(f'global_tokens={g!r} must be an int >= 0 and match the cache\'s slots.')
+  if separate_global and g and global_qkv is None:
+    raise errors.Error('longformer with separate_global=True needs global_qkv=(q_g, k_g, v_g) '
+                       '(the attention layer makes them); or set separate_global=False.')
+  scale = q.shape[3] ** -0.5 if scale is None else scale
+  positions, real, length = dense.new_positions(cache, mask, q.shape[1])
+  keys, values, x, allowed, ring = local.window_step(k, v, cache, positions, real, length,
+                                                     window=window, dilation=dilation,
+                                                     heads=q.shape[2])
+  part = blocksparse.attend_gathered(q, keys, values, allowed & (x >= g), scale)
+  if not g:
+    return part[0].astype(q.dtype), ring
+  new = {'global_k': k, 'global_v': v}
+  if separate_global:
+    new.update(global_kg=global_qkv[1], global_vg=global_qkv[2])
+  slots = {name: dense.write(cache[name], positions, real, fresh) for name, fresh in new.items()}
+  rows_qkv = ((global_qkv[0], slots['global_kg'], slots['global_vg']) if separate_global
+              else (q, slots['global_k'], slots['global_v']))
+  out = step_with_globals(q, part, slots['global_k'], slots['global_v'], rows_qkv, positions,
+                          scale)
+  return out.astype(q.dtype), {**ring, **slots}

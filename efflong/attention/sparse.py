@@ -10,16 +10,23 @@ block) part in the original order, and a column (summary) part over keys gathere
 (summary positions). With `factorized=True` the first half of the heads computes only the first part
 and the second half only the second, the paper's split of the pattern over heads (its Eq. 2 with
 separate heads). Cost per query: O(l + T / l) for strided, O(l + T * c / l) for fixed.
+
+Decoding keeps every key and value (dense.init_cache, [B, S_max, K, H]); a step gathers, for each new
+query, only the candidates its pattern can allow at its position (a static count M per query,
+computed from the position and S_max, masked where they do not exist): M = l + (S_max - 1) // l for
+strided, l + c * ((S_max - 1) // l) for fixed.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from efflong import errors
-from efflong.attention import blocksparse, local
+from efflong.attention import blocksparse, dense, local
 from efflong.attention.blocksparse import PATTERN, Layout
 from efflong.mask import Mask
 
@@ -144,3 +151,119 @@ def fixed(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, block: int, s
                           disjoint=not factorized)
   return attend_parts(q, k, v, mask=mask, layouts=layouts, factorized=factorized, scale=scale,
                       impl=impl)
+
+
+# Decoding. A candidate function maps new positions [B, T] to candidate key positions
+# [B, T, 1, M] and the two parts' masks over them (band / own block, column / summary), which
+# `factorized` gives to the two halves of the heads and otherwise unites; the candidates are
+# distinct positions, so the union is one softmax.
+
+
+def strided_candidates(positions: jax.Array, *, stride: int,
+                       max_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The keys a strided query can see: p - j for j < l (band), then p - m * l for m >= 1 (column).
+
+  Args:
+    positions: [B, T] absolute query positions.
+    stride: l.
+    max_len: S_max, the cache length (the furthest column).
+  Returns:
+    key positions [B, T, 1, M] with M = l + (S_max - 1) // l, and the band and column parts'
+    masks [B, T, 1, M] (the column's includes j == p, which the factorized column head sees).
+  """
+  back = np.concatenate([np.arange(stride), stride * np.arange(1, (max_len - 1) // stride + 1)])
+  x = positions[:, :, None, None] - jnp.asarray(back, jnp.int32)
+  return x, (x >= 0) & jnp.asarray(back < stride), (x >= 0) & jnp.asarray(back % stride == 0)
+
+
+def fixed_candidates(positions: jax.Array, *, block: int, summary: int,
+                     max_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The keys a fixed query can see: its block up to itself, then the summary positions (the last
+  c of each block) of the earlier blocks.
+
+  Args:
+    positions: [B, T] absolute query positions.
+    block: l.
+    summary: c.
+    max_len: S_max, the cache length (the number of earlier blocks).
+  Returns:
+    key positions [B, T, 1, M] with M = l + c * ((S_max - 1) // l), and the own-block and summary
+    parts' masks [B, T, 1, M] (the summary's includes the own block's summary positions up to p).
+  """
+  p = positions[:, :, None, None]
+  start = p - p % block
+  earlier = (np.arange((max_len - 1) // block)[:, None] * block + block - summary
+             + np.arange(summary)).reshape(-1)
+  x = jnp.concatenate([p - jnp.arange(block),
+                       jnp.broadcast_to(earlier, p.shape[:3] + earlier.shape)], axis=-1)
+  own = jnp.arange(x.shape[-1]) < block
+  first = own & (x >= start)
+  return x, first, (first & (x % block >= block - summary)) | (~own & (x < start))
+
+
+def attend_candidates(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                      mask: Mask, name: str, candidates, factorized: bool,
+                      scale: float | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """A decoding step over a full cache: write the new keys, gather each query's candidates.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, T, K, H] the new positions; cache: dense.init_cache's.
+    mask: causal; q_segment_ids marks real new positions.
+    name: the family, for errors.
+    candidates: positions [B, T] -> (key positions [B, T, 1, M], part masks [B, T, 1, M] x 2).
+    factorized: the first half of the heads sees the first part only, the second the second.
+    scale: logit scale or None (H ** -0.5).
+  Returns:
+    out [B, T, N, H] and the cache with the real positions added.
+  """
+  local.check_step(q, k, v, mask, name)
+  n, s = q.shape[2], cache['k'].shape[1]
+  if factorized and n % 2:
+    raise errors.Error(f'factorized=True splits the heads in two; N={n} is odd.')
+  positions, real, length = dense.new_positions(cache, mask, q.shape[1])
+  ck, cv = dense.write(cache['k'], positions, real, k), dense.write(cache['v'], positions, real, v)
+  x, first, second = candidates(positions)
+  if factorized:
+    half = x.shape[:2] + (n // 2, x.shape[3])
+    allowed = jnp.concatenate([jnp.broadcast_to(first, half), jnp.broadcast_to(second, half)], 2)
+  else:
+    allowed = first | second
+  index = jnp.clip(x, 0, s - 1)
+  out, _ = blocksparse.attend_gathered(
+      q, blocksparse.gather_positions(ck, index), blocksparse.gather_positions(cv, index),
+      allowed & (x < s), q.shape[3] ** -0.5 if scale is None else scale)
+  return out.astype(q.dtype), {'k': ck, 'v': cv, 'length': length}
+
+
+def strided_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+                 mask: Mask, stride: int, factorized: bool = False, block: int | None = None,
+                 scale: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal strided attention of T new positions over the cache (dense.init_cache) and themselves.
+
+  Each query reads l + (S_max - 1) // l gathered keys (`strided_candidates`). Arguments as in
+  `strided` (block, the tile size, is unused here) and `dense.attend_step` (q, k, v: the new
+  positions; cache). Returns out [B, T, N, H] and the cache with the real positions added.
+  """
+  del block
+  local.check_positive(stride=stride)
+  candidates = functools.partial(strided_candidates, stride=stride, max_len=cache['k'].shape[1])
+  return attend_candidates(q, k, v, cache, mask=mask, name='strided', candidates=candidates,
+                           factorized=factorized, scale=scale)
+
+
+def fixed_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], *,
+               mask: Mask, block: int, summary: int = 1, factorized: bool = False,
+               scale: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal fixed attention of T new positions over the cache (dense.init_cache) and themselves.
+
+  Each query reads l + c * ((S_max - 1) // l) gathered keys (`fixed_candidates`). Arguments as in
+  `fixed` and `dense.attend_step`. Returns out [B, T, N, H] and the cache with the real positions
+  added.
+  """
+  local.check_positive(block=block, summary=summary)
+  if summary > block:
+    raise errors.Error(f'summary={summary} must be <= block={block}.')
+  candidates = functools.partial(fixed_candidates, block=block, summary=summary,
+                                 max_len=cache['k'].shape[1])
+  return attend_candidates(q, k, v, cache, mask=mask, name='fixed', candidates=candidates,
+                           factorized=factorized, scale=scale)
