@@ -259,12 +259,16 @@ def before_step(model: Any, key: Any, step: Any) -> None:
 
 register(Family('dense', dense.attend, init_cache=dense.init_cache,
                 attend_step=dense.attend_step))
-register(Family('local', local.attend))
+register(Family('local', local.attend, init_cache=local.init_cache,
+                attend_step=local.attend_step))
 register(Family('longformer', longformer.attend, inputs=('global_qkv',),
-                module=longformer.global_projections))
-register(Family('strided', sparse.strided))
-register(Family('fixed', sparse.fixed))
-register(Family('bigbird', bigbird.attend, inputs=('layer',), module=bigbird.layer_index))
+                module=longformer.global_projections, init_cache=longformer.init_cache,
+                attend_step=longformer.attend_step))
+register(Family('strided', sparse.strided, init_cache=dense.init_cache,
+                attend_step=sparse.strided_step))
+register(Family('fixed', sparse.fixed, init_cache=dense.init_cache, attend_step=sparse.fixed_step))
+register(Family('bigbird', bigbird.attend, inputs=('layer',), module=bigbird.layer_index,
+                init_cache=dense.init_cache, attend_step=bigbird.attend_step))
 register(Family('linear', linear.attend, init_cache=linear.init_cache,
                 attend_step=linear.attend_step))
 register(Family('performer', performer.attend, inputs=('projection',),
