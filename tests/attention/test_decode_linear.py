@@ -17,7 +17,7 @@ from tests.attention import arrays, close
 B, N, KH, H = 2, 4, 2, 8
 # Row 0: a 5-token prompt; row 1: 3 tokens (2 of padding); then single tokens, row 1 idle once.
 SCHEDULE = [(5, 3)] + [(1, 1)] * 4 + [(1, 0)] + [(1, 1)] * 3
-LENGTHS = np.sum(SCHEDULE, axis=0)   # Real positions per row: 14 and 10.
+LENGTHS = np.sum(SCHEDULE, axis=0)   # Real positions per row: 13 and 10.
 
 
 def replay(step, cache, q, k, v, schedule=SCHEDULE, **inputs):
