@@ -101,7 +101,7 @@ def _prefix_from(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, car
   pad = -t % chunk
   nc = (t + pad) // chunk
 
-  def to_chunks(x: jax.Array, mode: str = 'constant') -> jax.Array:  # [B, T, ...] -> [nC, B, C, ...]
+  def to_chunks(x: jax.Array, mode: str = 'constant') -> jax.Array:  # [B, T, ..] -> [nC, B, C, ..]
     x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), mode=mode)
     return jnp.moveaxis(x.reshape(b, nc, chunk, *x.shape[2:]), 1, 0)
 
