@@ -1,6 +1,6 @@
 """Cached decoding of Transformer-XL attention: prefill, then one token at a time, equals the
-model's segment-by-segment run (each segment after a memory of mem_len keys, relative positions continuing),
-built here directly from relative.attend with S = mem_len + segment_len keys."""
+model's segment-by-segment run (each segment after a memory of mem_len keys, relative positions
+continuing), built here directly from relative.attend with S = mem_len + segment_len keys."""
 
 import jax
 import jax.numpy as jnp
