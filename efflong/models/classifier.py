@@ -166,9 +166,11 @@ class MLPHead(nnx.Module):
     if num_classes < 1:
       raise errors.Error(f'task.num_classes={num_classes} must be >= 1 for a classifier.')
     sizes = (d_in, *hidden, num_classes)
-    self.layers = nnx.List([
-        dense(a, b, ('embed' if i == 0 else 'mlp', 'mlp' if i < len(hidden) else None),
-              dtype=dtype, rngs=rngs) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))])
+    # Logical axes alternate (embed, mlp), (mlp, embed), ... as in a feed-forward; the last layer's
+    # output (the classes) is replicated.
+    axes = lambda i: (('embed', 'mlp')[i % 2], None if i == len(hidden) else ('mlp', 'embed')[i % 2])
+    self.layers = nnx.List([dense(a, b, axes(i), dtype=dtype, rngs=rngs)
+                            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, layer in enumerate(self.layers):
