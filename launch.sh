@@ -5,6 +5,7 @@
 #   ./launch.sh test [pytest args]       the test suite, over all cores
 #   ./launch.sh sweep --config=configs/<task>.py:<arg> [--parallel N] [--workdir DIR]
 #   ./launch.sh bench <script> [args]    a benchmark under experiments/bench/
+#   ./launch.sh generate --workdir=<run> --prompt='...' [flags]   continue a prompt (efflong.infer.generate)
 #   ./launch.sh multi N [flags]          N training processes on this host (jax.distributed)
 # On SLURM, `srun ./launch.sh [flags]` runs one process per task; each joins jax.distributed.
 set -euo pipefail
@@ -41,6 +42,10 @@ case "${1:-train}" in
     [ -f "$script" ] || script="experiments/bench/${script%.py}.py"
     [ -f "$script" ] || { echo "no benchmark '$1'; have: $(ls experiments/bench/*.py | xargs -n1 basename | tr '\n' ' ')" >&2; exit 2; }
     exec "$PY" "$script" "$@"
+    ;;
+  generate)
+    shift
+    exec "$PY" -m efflong.infer.generate "$@"
     ;;
   multi)
     shift

@@ -2,7 +2,7 @@
 
 Knows no attention family: it drives the model API of the decoding interface,
 
-  model.init_cache(batch_size, max_len) -> cache      # a pytree; cache['length'] [B]
+  model.init_cache(batch_size, max_len) -> cache      # a pytree, every leaf [B, ...]
   model.prefill(batch, cache) -> (logits [B, T, V], cache)
   model.decode_step(tokens [B], cache) -> (logits [B, V], cache)
 
@@ -51,7 +51,7 @@ class Generated:
 
 
 def check_options(*, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, beams: int = 1, length_penalty: float = 0.6) -> None:
+                  top_p: float = 1.0, beams: int = 0, length_penalty: float = 0.6) -> None:
   """Raises a one-line errors.Error for a setting outside its valid range."""
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
     raise errors.Error(f'max_new_tokens={max_new_tokens!r} must be an int >= 1.')
@@ -61,9 +61,9 @@ def check_options(*, max_new_tokens: int, temperature: float = 0.0, top_k: int =
     raise errors.Error(f'top_k={top_k!r} must be an int >= 0 (0: no top-k filter).')
   if not 0 < top_p <= 1:
     raise errors.Error(f'top_p={top_p!r} must be in (0, 1] (1: no nucleus filter).')
-  if not isinstance(beams, (int, np.integer)) or beams < 1:
-    raise errors.Error(f'beams={beams!r} must be an int >= 1 (1: sampling, no beam search).')
-  if beams > 1 and (temperature or top_k or top_p != 1):
+  if not isinstance(beams, (int, np.integer)) or beams < 0:
+    raise errors.Error(f'beams={beams!r} must be an int >= 0 (0: sampling, no beam search).')
+  if beams and (temperature or top_k or top_p != 1):
     raise errors.Error(f'beam search (beams={beams}) is deterministic: it takes no temperature, '
                        f'top_k or top_p (got {temperature}, {top_k}, {top_p}).')
   if not (math.isfinite(length_penalty) and length_penalty >= 0):
@@ -109,20 +109,10 @@ def length_penalty_of(length: jax.Array, alpha: jax.Array | float) -> jax.Array:
   return ((5.0 + length) / 6.0) ** alpha
 
 
-def _batch_axes(model: nnx.Module, max_len: int) -> Any:
-  """Per cache leaf, the axis that holds the batch rows (-1: none): where the leaf's shape
-  differs between caches for one row and for two."""
-  one, two = (jax.eval_shape(lambda b=b: model.init_cache(b, max_len)) for b in (1, 2))
-  def axis(a, b):
-    found = [i for i, (m, n) in enumerate(zip(a.shape, b.shape)) if m != n]
-    return found[0] if found else -1
-  return jax.tree.map(axis, one, two)
-
-
-def reorder_rows(cache: Cache, rows: jax.Array, axes: Any) -> Cache:
-  """cache with its batch rows replaced by rows [B'] (indices into the old rows) on every leaf;
-  `axes` from _batch_axes. Beam search uses it to follow each beam's parent."""
-  return jax.tree.map(lambda x, a: x if a < 0 else jnp.take(x, rows, axis=a), cache, axes)
+def reorder_rows(cache: Cache, rows: jax.Array) -> Cache:
+  """cache with its rows replaced by rows [B'] (indices into the old rows): every cache leaf has
+  the batch on axis 0. Beam search uses it to follow each beam's parent."""
+  return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +124,22 @@ class _Static:
   beams: int
 
 
+def _segment_ids(tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+  """[B, T] 1 on each row's first lengths[b] positions, 0 on its right-padding."""
+  return (jnp.arange(tokens.shape[1]) < lengths[:, None]).astype(jnp.int32)
+
+
 def _prefill(model: nnx.Module, static: _Static, prompts: jax.Array, lengths: jax.Array,
-             extra: dict[str, jax.Array]) -> tuple[jax.Array, Cache]:
-  """Prefills the prompts [B, T]: (each row's logits after its last prompt token [B, V], cache)."""
+             source: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, Cache]:
+  """Prefills the prompts [B, T] (after an encoder-decoder's source [B, S] with its lengths):
+  (each row's logits after its last prompt token [B, V], cache)."""
   cache = model.init_cache(prompts.shape[0], static.max_len)
-  segment_ids = (jnp.arange(prompts.shape[1]) < lengths[:, None]).astype(jnp.int32)
-  logits, cache = model.prefill({'inputs': prompts, 'segment_ids': segment_ids, **extra}, cache)
+  if source is None:
+    batch = {'inputs': prompts, 'segment_ids': _segment_ids(prompts, lengths)}
+  else:
+    batch = {'inputs': source[0], 'segment_ids': _segment_ids(*source), 'decoder_inputs': prompts,
+             'decoder_segment_ids': _segment_ids(prompts, lengths)}
+  logits, cache = model.prefill(batch, cache)
   return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
 
 
@@ -147,11 +147,11 @@ def _is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
   return jnp.any(tokens[..., None] == jnp.asarray(stop_tokens, jnp.int32), axis=-1)
 
 
-def _sample_program(graphdef, static: _Static, state, prompts, lengths, extra, options):
+def _sample_program(graphdef, static: _Static, state, prompts, lengths, source, options):
   """(tokens [B, N], lengths [B], log-probabilities [B]) of sampling; options: temperature,
   top_k, top_p, seed."""
   model = nnx.merge(graphdef, state)
-  logits, cache = _prefill(model, static, prompts, lengths, extra)
+  logits, cache = _prefill(model, static, prompts, lengths, source)
   b, n = prompts.shape[0], static.max_new_tokens
   key = jax.random.key(options['seed'])
 
@@ -181,7 +181,7 @@ def _sample_program(graphdef, static: _Static, state, prompts, lengths, extra, o
   return tokens, count, logp
 
 
-def _beam_program(graphdef, static: _Static, state, prompts, lengths, extra, options):
+def _beam_program(graphdef, static: _Static, state, prompts, lengths, source, options):
   """(tokens [B, N], lengths [B], scores [B]) of the best hypothesis of a beam search.
 
   K beams per row. Each step extends every live beam by every token, keeps the 2K most likely
@@ -191,12 +191,11 @@ def _beam_program(graphdef, static: _Static, state, prompts, lengths, extra, opt
   extensions leave K live ones even when K of them stop. The answer is the best finished one.
   """
   model = nnx.merge(graphdef, state)
-  logits, cache = _prefill(model, static, prompts, lengths, extra)
+  logits, cache = _prefill(model, static, prompts, lengths, source)
   b, n, k = prompts.shape[0], static.max_new_tokens, static.beams
-  axes = _batch_axes(model, static.max_len)
   # Every beam starts as its row's prompt; only beam 0 is live, so the first step does not
   # extend K copies of it.
-  cache = reorder_rows(cache, jnp.repeat(jnp.arange(b), k), axes)
+  cache = reorder_rows(cache, jnp.repeat(jnp.arange(b), k))
   logits = jnp.repeat(logits, k, axis=0)
   beam_logp = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((b, 1))
   vocab = logits.shape[-1]
@@ -215,7 +214,7 @@ def _beam_program(graphdef, static: _Static, state, prompts, lengths, extra, opt
     beam_logp, live = jax.lax.top_k(jnp.where(ends, -jnp.inf, cand_logp), k)
     beams = jnp.take_along_axis(cand_seqs, live[..., None], axis=1)
     rows = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(parent, live, 1)).reshape(-1)
-    return reorder_rows(cache, rows, axes), beams, beam_logp, finished, finished_score
+    return reorder_rows(cache, rows), beams, beam_logp, finished, finished_score
 
   zeros = jnp.zeros((b, k, n), jnp.int32)
   carry = extend(0, logits, cache, zeros, beam_logp, zeros, jnp.full((b, k), -jnp.inf))
@@ -236,21 +235,22 @@ def _beam_program(graphdef, static: _Static, state, prompts, lengths, extra, opt
 def _compiled(graphdef: nnx.GraphDef, static: _Static, treedef: Any,
               avals: tuple[tuple[tuple[int, ...], Any], ...]) -> Any:
   """The compiled program for these constants and argument shapes (kept for later calls)."""
-  program = _beam_program if static.beams > 1 else _sample_program
+  program = _beam_program if static.beams else _sample_program
   args = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in avals])
   return jax.jit(program, static_argnums=(0, 1)).lower(graphdef, static, *args).compile()
 
 
 def generate(model: nnx.Module, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
              max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (), beams: int = 1,
-             length_penalty: float = 0.6,
-             extra: dict[str, Any] | None = None) -> Generated:
+             top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (), beams: int = 0,
+             length_penalty: float = 0.6, source: Any = None,
+             source_lengths: Any = None) -> Generated:
   """Continues each prompt by up to max_new_tokens tokens.
 
-  Sampling (beams = 1): every row draws its next token with `sample_logits` (temperature 0:
-  greedy) under a key that depends on seed and the step only. Beam search (beams > 1): the
-  hypothesis of highest log p / length_penalty_of(|Y|, length_penalty) among beams per row.
+  Sampling (beams = 0): every row draws its next token with `sample_logits` (temperature 0:
+  greedy) under a key that depends on seed and the step only. Beam search (beams >= 1): the
+  hypothesis of highest log p / length_penalty_of(|Y|, length_penalty) found with that many beams
+  per row (one beam without stop tokens is greedy).
   A row ends at its first stop token (kept in the output); the tokens after it are 0.
 
   Args:
@@ -264,9 +264,11 @@ def generate(model: nnx.Module, prompts: Any, prompt_lengths: Any, *, max_new_to
     temperature, top_k, top_p: see sample_logits.
     seed: the sampling seed.
     stop_tokens: tokens that end a row.
-    beams: beam width.
+    beams: beam width; 0: sampling.
     length_penalty: GNMT's alpha for beam search.
-    extra: more [B, ...] fields of the prefill batch (e.g. an encoder-decoder's encoder inputs).
+    source: an encoder-decoder's source [B, S] int tokens, right-padded (the prompts are then the
+      decoder's, at least its start token); None for a language model.
+    source_lengths: [B] int real tokens of each source row (None: all S).
   Returns:
     Generated.
   Raises:
@@ -294,7 +296,12 @@ def generate(model: nnx.Module, prompts: Any, prompt_lengths: Any, *, max_new_to
   options = {'temperature': np.float32(temperature), 'top_k': np.int32(top_k),
              'top_p': np.float32(top_p), 'seed': np.int32(seed),
              'length_penalty': np.float32(length_penalty)}
-  args = (state, prompts[:, :longest], lengths, dict(extra or {}), options)
+  if source is not None:
+    source = np.asarray(source, np.int32)
+    source_lengths = (np.full(source.shape[:1], source.shape[1], np.int32)
+                      if source_lengths is None else np.asarray(source_lengths, np.int32))
+    source = (source, source_lengths)
+  args = (state, prompts[:, :longest], lengths, source, options)
   leaves, treedef = jax.tree.flatten(args)
   avals = tuple((tuple(x.shape), x.dtype) for x in leaves)
   start = time.perf_counter()
