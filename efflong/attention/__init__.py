@@ -59,7 +59,8 @@ class Family:
       random features). It must leave models without the family's modules unchanged.
     init_cache: None (cannot decode), or `init_cache(batch, max_len, *, num_kv_heads, head_dim,
       dtype, <some of attend's hyper-parameters>, [mem_len, segment_len])` -> the empty cache, a
-      dict of arrays with static shapes holding 'length' [B] int32.
+      dict of arrays with static shapes holding 'length' [B] int32; every array has the batch on
+      axis 0 (rows may be reordered or repeated, e.g. by beam search).
     attend_step: None (cannot decode), or `attend_step(q, k, v, cache, *, mask, <attend's
       keyword-only parameters, same defaults; impl optional>)` -> (out, new cache): attention of
       the new positions q [B, T, N, H], k, v [B, T, K, H] at absolute positions cache['length'] + i
@@ -201,8 +202,13 @@ class Family:
     takes = inspect.signature(self.init_cache).parameters
     kw = {k: v for k, v in {**hyper, 'mem_len': mem_len, 'segment_len': segment_len}.items()
           if k in takes}
-    return self.init_cache(batch, max_len, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                           dtype=dtype, **kw)
+    cache = self.init_cache(batch, max_len, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                            dtype=dtype, **kw)
+    shapes = {k: tuple(v.shape) for k, v in cache.items()}
+    if 'length' not in cache or any(not shape or shape[0] != batch for shape in shapes.values()):
+      raise errors.Error(f'attention {self.name!r}: init_cache must give length [B] and arrays '
+                         f'with the batch ({batch}) on axis 0; got shapes {shapes}.')
+    return cache
 
   def make_module(self, hyper: dict[str, Any], **layer: Any) -> Any:
     """The family's module for one attention layer (None if it has none); see `module`."""

@@ -118,10 +118,10 @@ def test_lm_decode_equals_forward(name, model_kw):
   config, graphdef, state = build(name, **model_kw)
   tokens = tokens_for(config.task)
   prompt, seg, steps = split_sequence(tokens)
-  run = jax.jit(lambda state, batch, steps: decode_run(graphdef, state, batch, steps, L))
-  prefill_logits, step_logits, cache = run(state, {'inputs': prompt, 'segment_ids': seg}, steps)
-  reference = jax.jit(lambda s, t: lm_reference(graphdef, s, config.model, t))(state, tokens)
-  assert_twins(prefill_logits, step_logits, cache, reference)
+  run = jax.jit(lambda state, batch, steps, tokens: (
+      *decode_run(graphdef, state, batch, steps, L),
+      lm_reference(graphdef, state, config.model, tokens)))  # One compilation per case.
+  assert_twins(*run(state, {'inputs': prompt, 'segment_ids': seg}, steps, tokens))
 
 
 def test_encoder_decoder_decode_equals_teacher_forcing():
@@ -136,11 +136,11 @@ def test_encoder_decoder_decode_equals_teacher_forcing():
   prompt, seg, steps = split_sequence(target, prompts)
   batch = {'inputs': source, 'segment_ids': src_seg, 'decoder_inputs': prompt,
            'decoder_segment_ids': seg}
-  run = jax.jit(lambda state, batch, steps: decode_run(graphdef, state, batch, steps, L))
-  prefill_logits, step_logits, cache = run(state, batch, steps)
-  assert cache['layers'][0]['cross']['k'].shape[:2] == source.shape
   teacher = {**batch, 'decoder_inputs': target, 'decoder_segment_ids': np.ones_like(target)}
-  reference = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b))(state, teacher)
+  run = jax.jit(lambda state, batch, steps, teacher: (
+      *decode_run(graphdef, state, batch, steps, L), nnx.merge(graphdef, state)(teacher)))
+  prefill_logits, step_logits, cache, reference = run(state, batch, steps, teacher)
+  assert cache['layers'][0]['cross']['k'].shape[:2] == source.shape
   assert_twins(prefill_logits, step_logits, cache, reference, prompts)
 
 
