@@ -8,12 +8,16 @@ efflong/models/classifier.py).
   ./launch.sh sweep --config=configs/lra.py:listops,families --parallel 2
   ./launch.sh sweep --config=configs/lra.py:pathfinder,families --parallel 2
   python -m efflong.main --config=configs/lra.py:text,paper,attention=performer --workdir=...
+Test accuracy: the same command with --config.task.eval_split=test on a finished workdir (the
+trainer finds the last checkpoint, trains no further and evaluates on the test split).
 
 The default is CPU-sized (two runs at once on a 2-core machine):
-  listops     generated trees of 50 < L < 256 tokens (20K / 1K / 1K; majority class of the
-              validation split 0.177 at lengths 100-500, measure it for these), seq_len 255 (+ the
+  listops     generated trees of 50 < L < 256 tokens (20K / 1K / 1K, mean length 154; the train
+              split's majority class 0 is 0.154 of validation, 0.179 of test), seq_len 255 (+ the
               CLS: 256), CLS pooling, 2 layers, d_model 128, 4 heads, d_ff 256, 1000 steps of 32,
               Adam 1e-3 cosine after 100 warmup steps; dense ~0.62 CPU-s a step: ~12 min a point.
+              A 300-step dense run (same config, --config.train.steps=300) reached 0.310
+              validation accuracy in 3 min 57 s on the shared machine.
   pathfinder  generated Pathfinder-32 (hard: contour length 14; 20K / 512 / 1024), 1024 pixels,
               mean pooling (LRA's for Pathfinder), 2 layers, d_model 32, 2 heads, d_ff 64, 600
               steps of 16; dense ~2.4 CPU-s a step (T^2 = 1M scores a head): ~27 min a point.
