@@ -86,6 +86,20 @@ FAMILIES = ('dense', 'local', 'longformer', 'strided', 'fixed', 'bigbird', 'lsh'
 ARGS = dict(**{t: False for t in TASKS}, attention='dense', paper=False, pack=False, smoke=False,
             families=False)
 CURVES = ('eval/accuracy', 'train/loss')
+# LRA Table 1, test accuracy (%) per family and task, as in the docstring (strided and fixed: the
+# paper's Sparse Transformer row); experiments/bench/lra_report.py puts ours beside it.
+TABLE1 = {
+    'dense': (36.37, 64.27, 57.46, 42.44, 71.40),
+    'local': (15.82, 52.98, 53.39, 41.46, 66.63),
+    'strided': (17.07, 63.58, 59.59, 44.24, 71.71),
+    'fixed': (17.07, 63.58, 59.59, 44.24, 71.71),
+    'longformer': (35.63, 62.85, 56.89, 42.22, 69.71),
+    'bigbird': (36.05, 64.02, 59.29, 40.83, 74.87),
+    'lsh': (37.27, 56.10, 53.40, 38.07, 68.50),
+    'linformer': (35.70, 53.94, 52.27, 38.56, 76.34),
+    'linear': (16.13, 65.90, 53.09, 42.34, 75.30),
+    'performer': (18.01, 65.40, 53.82, 42.77, 77.05),
+}
 
 # Per task: (VOCAB_SIZE, NUM_CLASSES) of its module, kept here so a config needs no data imports.
 _SIZES = {'listops': (16, 10), 'text': (257, 2), 'retrieval': (257, 2), 'image': (256, 10),

@@ -106,7 +106,7 @@ def base(task_name: str) -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict({'name': task_name})
 
   c.model = ml_collections.ConfigDict(dict(
-      kind='lm',                  # lm | encoder | encoder_decoder | classifier
+      kind='lm',                  # lm | encoder | encoder_decoder | classifier | dual_encoder
       num_layers=2,
       d_model=128,
       num_heads=4,
@@ -120,7 +120,8 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       activation='gelu',          # gelu | relu
       positions='sinusoidal',     # sinusoidal (tensor2tensor's) | sinusoidal_paper | learned | none
       tie_embeddings=False,
-      pooling='mean',             # classifier: mean | first
+      pooling='mean',             # classifier, dual_encoder: mean | first | cls (per packed example)
+      classifier_mlp_dim=0,       # their head: Dense(m), ReLU, ..., Dense(classes); 0: one Dense
       dtype='float32',            # compute dtype; parameters stay float32
       reversible=False,           # reversible residual layers (pre-LN): activation memory flat in depth
       ff_chunk_size=0,            # feed-forward over length chunks of this size (0: whole sequence)

@@ -29,24 +29,24 @@ def fake_source(task, split):
 
 def test_every_paper_config_trains_two_steps(monkeypatch):
   """The paper setup of each task (kind, pooling, schedule, dropout, positions, head), shrunk to a
-  tiny width, length and batch: 2 finite train steps (evaluation: the smoke run below)."""
+  tiny width, length and batch: 2 finite train steps over the 8 test devices (evaluation: the
+  smoke run below)."""
   monkeypatch.setattr(builder, 'data_source', fake_source)
-  devices = jax.devices()[:1]
   for name in LRA.TASKS:
     c = LRA.get_config(f'{name},paper')
     assert c.model.kind == ('dual_encoder' if name == 'retrieval' else 'classifier')
     c.model.update(num_layers=1, d_model=16, num_heads=2, d_ff=16, classifier_mlp_dim=16)
     c.task.seq_len = 32
-    c.train.batch_size = c.eval.batch_size = 4
+    c.train.batch_size = c.eval.batch_size = 8
     c.train.warmup_steps = 1
-    run = trainer.setup(c, devices)
+    run = trainer.setup(c, jax.devices())
     state = run.init()
     data = iter(run.task.train_dataset(0, 1))
     for _ in range(2):
       state, metrics, scalars = run.train_step(state, sharding.global_batch(next(data),
                                                                             run.batch_sharding))
       assert bool(scalars['finite']), name
-    assert float(metrics['accuracy'][1]) == 4, name  # one slot per row, every row an example
+    assert float(metrics['accuracy'][1]) == 8, name  # one slot per row, every row an example
 
 
 def test_families_sweep_and_arguments():
@@ -67,10 +67,11 @@ def test_families_sweep_and_arguments():
 
 
 def test_listops_smoke_run(tmp_path):
-  """Generated ListOps (tiny splits, prepared into tmp_path) through train_and_evaluate."""
+  """Generated ListOps (tiny splits, prepared into tmp_path) through train_and_evaluate, the batch
+  rows sharded over the 8 test devices."""
   c = LRA.get_config('listops,smoke')
   c.task.data_dir = str(tmp_path / 'data')
-  final = trainer.train_and_evaluate(c, str(tmp_path / 'run'), jax.devices()[:1])
+  final = trainer.train_and_evaluate(c, str(tmp_path / 'run'), jax.devices())
   assert final['step'] == c.train.steps
   assert 0.0 <= final['eval/accuracy'] <= 1.0 and np.isfinite(final['eval/loss'])
   with open(tmp_path / 'run' / 'done.json', encoding='utf-8') as f:

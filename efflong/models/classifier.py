@@ -188,7 +188,7 @@ class Classifier(Tower):
     dtype = jnp.dtype(cfg.dtype)
     super().__init__(cfg, vocab_size=vocab_size, max_len=max_len, max_segments=max_segments,
                      attention_kw=attention_kw, dtype=dtype, rngs=rngs)
-    mlp = cfg.get('classifier_mlp_dim', 0)
+    mlp = cfg.classifier_mlp_dim
     self.head = MLPHead(cfg.d_model, (mlp,) if mlp else (), num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
@@ -213,7 +213,7 @@ class DualEncoder(Tower):
     dtype = jnp.dtype(cfg.dtype)
     super().__init__(cfg, vocab_size=vocab_size, max_len=max_len, max_segments=max_segments,
                      attention_kw=attention_kw, dtype=dtype, rngs=rngs)
-    mlp = cfg.get('classifier_mlp_dim', 0)
+    mlp = cfg.classifier_mlp_dim
     self.head = MLPHead(4 * cfg.d_model, (mlp, mlp // 2) if mlp else (), num_classes, dtype=dtype,
                         rngs=rngs)
 

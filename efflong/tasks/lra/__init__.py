@@ -91,8 +91,8 @@ class LRA:
         raise errors.Error(f'task.{field}={task.get(field)} does not match {task.name} '
                            f'({value}).')
     self.num_classes = module.NUM_CLASSES
-    self.seq_len, self.truncate = task.seq_len, bool(task.get('truncate', False))
-    self.pack, self.max_segments = bool(task.get('pack', False)), task.get('max_segments', 1)
+    self.seq_len, self.truncate = task.seq_len, bool(task.truncate)
+    self.pack, self.max_segments = bool(task.pack), task.max_segments
     self.pair = task.name == 'retrieval'
     if self.pack and task.name not in PACKABLE:
       raise errors.Error(f'task.pack=True applies to {list(PACKABLE)}, not {task.name!r}.')
@@ -106,7 +106,7 @@ class LRA:
       raise errors.Error(f"task {task.name!r} needs model.kind="
                          f"{'dual_encoder' if self.pair else 'classifier'!r}; got "
                          f'{config.model.kind!r}.')
-    self.eval_split = task.get('eval_split', 'validation')
+    self.eval_split = task.eval_split
     if self.eval_split not in ('validation', 'test'):
       raise errors.Error(f"task.eval_split={self.eval_split!r}; valid: 'validation', 'test'.")
     self.seed = config.seed

@@ -32,7 +32,7 @@ SOURCE = {'train': records(N_TRAIN, 0), 'validation': records(N_EVAL, 1), 'test'
 def make_config(name: str = 'listops', **task) -> ml_collections.ConfigDict:
   c = config_lib.base(name)
   c.task.update(dict(seq_len=T, vocab_size=16, num_classes=10, truncate=False, pack=False,
-                     max_segments=1))
+                     max_segments=1, eval_split='validation'))
   c.task.update(task)
   c.model.kind = 'dual_encoder' if name == 'retrieval' else 'classifier'
   c.model.update(d_model=32, num_heads=2, d_ff=64, pooling='cls')
