@@ -104,7 +104,7 @@ def load_model(workdir: str,
   if step is None:
     raise errors.Error(f'no checkpoint in {directory!r}: train the run first (./launch.sh '
                        f'--workdir={workdir}).')
-  attention_kw = trainer._eval_attention_kws(config)['eval']  # pylint: disable=protected-access
+  attention_kw = trainer.eval_attention_kws(config)['eval']
   abstract = nnx.eval_shape(lambda: models.build(config, attention_kw=attention_kw,
                                                  rngs=nnx.Rngs(config.seed)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)

@@ -1,22 +1,23 @@
-"""Encoder, decoder-only LM, encoder-decoder and classifier over one block stack.
+"""Encoder, decoder-only LM and encoder-decoder over one block stack (classifiers: classifier.py).
 
 Every model is called as `model(batch, key=...)` on a dict of [B, T] arrays and returns logits.
 Batch fields read (absent optional fields mean: one segment, positions 0..T-1):
   lm, encoder:     inputs, segment_ids?, positions?, global_tokens?              -> [B, T, V]
   encoder_decoder: inputs, segment_ids?, positions?, global_tokens?, decoder_inputs,
                    decoder_segment_ids?, decoder_positions?                      -> [B, T_dec, V]
-  classifier:      inputs, segment_ids?, positions?, global_tokens?              -> [B, num_classes]
 Segment id 0 marks padding. `global_tokens` ([B, T] bool, on `inputs`) flags tokens with full
 self-attention for the families that have them (longformer, bigbird); others refuse it. Packed rows need `positions` restarting at each segment (the task
-supplies them). The classifier pools over a whole row: one example per row.
+supplies them).
 
 Cached decoding (kinds 'lm' and 'encoder_decoder', a family in attention.names(decode=True)):
   cache = model.init_cache(batch_size, max_len)
   logits [B, T, V], cache = model.prefill(batch, cache)      # the prompt, right-padded
   logits [B, V], cache = model.decode_step(tokens [B], cache)  # one position per row
-The cache is {'length': [B] int32, 'layers': [each layer's cache]}; every leaf has the batch on
-axis 0 (rows can be reordered or repeated, e.g. for beam search). One sequence per row: segment
-ids mark real (1) and padding (0) positions, positions are absolute from cache['length'].
+The cache is {'length': [B] int32, 'max_len': [B] int32, 'layers': [each layer's cache]}; every
+leaf has the batch on axis 0 (rows can be reordered or repeated, e.g. for beam search). One
+sequence per row: segment ids mark real (1) and padding (0) positions, positions are absolute from
+cache['length']. A call that takes a row past max_len is an error (errors.check: logged when the
+program runs, raised by errors.raise_pending).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from efflong.params import Dtype, partitioned
 
 Batch = dict[str, jax.Array]
 Memory = dict[str, jax.Array]  # Transformer-XL's segment memory: see init_memory
-Cache = dict[str, Any]  # a decoding cache: {'length': [B] int32, 'layers': [per-layer dicts]}
+Cache = dict[str, Any]  # a decoding cache: {'length', 'max_len': [B] int32, 'layers': [dicts]}
 
 
 def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
@@ -101,7 +102,18 @@ def _decode_stack(embedder: Embedder, stack: Stack, tokens: jax.Array,
   x, layers = stack.decode(x, cache['layers'], segment_ids=segment_ids,
                            global_tokens=global_tokens)
   real = tokens.shape[1] if segment_ids is None else (segment_ids != 0).sum(1, dtype=jnp.int32)
-  return embedder.decode(x), {'length': length + real, 'layers': layers}
+  errors.check(lambda longest, max_len: None if longest <= max_len else (
+      f'decoding past the cache: a row reached {longest} positions, the cache holds max_len='
+      f'{max_len} (init_cache); its later positions were not cached.'),
+      (length + real).max(), cache['max_len'].max())
+  return embedder.decode(x), {**cache, 'length': length + real, 'layers': layers}
+
+
+def _empty_cache(batch_size: int, max_len: int, layers: list) -> Cache:
+  """The model-level cache: length [B] (positions cached per row), max_len [B] (what the
+  layers' caches hold; a leaf so every leaf is batch-first) and the layers' caches."""
+  return {'length': jnp.zeros((batch_size,), jnp.int32),
+          'max_len': jnp.full((batch_size,), max_len, jnp.int32), 'layers': layers}
 
 
 class LanguageModel(nnx.Module):
@@ -154,7 +166,7 @@ class LanguageModel(nnx.Module):
     self.embedder.check_length(max_len)
     mem_len = self.mem_len if mem_len is None else mem_len
     layers = self.stack.init_cache(batch_size, max_len, mem_len=mem_len, segment_len=self.max_len)
-    return {'length': jnp.zeros((batch_size,), jnp.int32), 'layers': layers}
+    return _empty_cache(batch_size, max_len, layers)
 
   def prefill(self, batch: Batch, cache: Cache) -> tuple[jax.Array, Cache]:
     """Runs the prompts through the model and caches them.
@@ -212,8 +224,7 @@ class EncoderDecoder(nnx.Module):
     """An empty decoder cache for batch_size rows of up to max_len target positions; prefill adds
     each decoder layer's cross-attention keys and values ('cross')."""
     self.embedder.check_length(max_len)
-    return {'length': jnp.zeros((batch_size,), jnp.int32),
-            'layers': self.decoder.init_cache(batch_size, max_len)}
+    return _empty_cache(batch_size, max_len, self.decoder.init_cache(batch_size, max_len))
 
   def prefill(self, batch: Batch, cache: Cache) -> tuple[jax.Array, Cache]:
     """Encodes the source once and runs the target prompts through the decoder.
@@ -240,31 +251,3 @@ class EncoderDecoder(nnx.Module):
     logits, cache = _decode_stack(self.embedder, self.decoder, tokens[:, None], None, cache)
     return logits[:, 0], cache
 
-
-class Classifier(nnx.Module):
-  """Bidirectional encoder, pooled ('mean' over real tokens, or 'first'), then a linear head."""
-
-  POOLINGS = ('mean', 'first')
-
-  def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
-               num_classes: int, attention_kw: dict, rngs: nnx.Rngs, **unused_task):
-    if cfg.pooling not in self.POOLINGS:
-      raise errors.Error(f'unknown model.pooling {cfg.pooling!r}; valid: {list(self.POOLINGS)}.')
-    dtype = jnp.dtype(cfg.dtype)
-    self.pooling = cfg.pooling
-    self.embedder = Embedder(cfg, vocab_size, max_len, dtype=dtype, rngs=rngs, logits=False)
-    self.encoder = Stack(cfg, causal=False, max_len=max_len, attention_kw=attention_kw,
-                         dtype=dtype, rngs=rngs)
-    self.head = dense(cfg.d_model, num_classes, ('embed', None), dtype=dtype, rngs=rngs)
-
-  def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
-    keys = [None, None] if key is None else list(jax.random.split(key))
-    seg = batch.get('segment_ids')
-    x = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0]),
-                     segment_ids=seg, key=keys[1], global_tokens=batch.get('global_tokens'))
-    if self.pooling == 'first':
-      pooled = x[:, 0]
-    else:
-      real = jnp.ones(x.shape[:2], x.dtype) if seg is None else (seg > 0).astype(x.dtype)
-      pooled = (x * real[..., None]).sum(1) / jnp.maximum(real.sum(1, keepdims=True), 1.0)
-    return self.head(pooled).astype(jnp.float32)

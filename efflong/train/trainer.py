@@ -48,7 +48,7 @@ class TrainState:
   memory: Any = None  # Transformer-XL's segment memory (model.mem_len > 0), carried across steps
 
 
-def _eval_attention_kws(config: ml_collections.ConfigDict) -> dict[str, dict]:
+def eval_attention_kws(config: ml_collections.ConfigDict) -> dict[str, dict]:
   """{metric prefix: attention_kw} of each evaluation: 'eval' with eval.attention_kw, and
   'eval/<name>' for each eval.variants entry, each the training attention_kw updated by the
   overrides that are set (not None)."""
@@ -264,7 +264,7 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
                       in_shardings=(shardings.params, shardings.model_state, batch_sharding,
                                     eval_memory_shardings),
                       out_shardings=(replicated, eval_memory_shardings))
-      for prefix, kw in _eval_attention_kws(config).items()}
+      for prefix, kw in eval_attention_kws(config).items()}
   return Setup(mesh, task, abstract, shardings, batch_sharding, init, train_step, eval_steps,
                init_eval_memory)
 

@@ -157,3 +157,16 @@ def test_models_that_cannot_decode_say_why(monkeypatch):
   _, graphdef, state = build('dense', positions='learned')
   with pytest.raises(errors.Error, match='learned position table'):
     nnx.merge(graphdef, state).init_cache(1, L + 1)
+
+
+def test_decoding_past_the_cache_is_an_error():
+  _, graphdef, state = build('dense')
+  model = nnx.merge(graphdef, state)
+  cache = model.init_cache(2, 4)
+  step = jax.jit(lambda tokens, cache: model.decode_step(tokens, cache)[1])
+  for _ in range(4):  # Four positions fit.
+    cache = step(jnp.ones((2,), jnp.int32), cache)
+  errors.raise_pending()
+  step(jnp.ones((2,), jnp.int32), cache)
+  with pytest.raises(errors.CheckError, match='a row reached 5 positions, the cache holds max_len=4'):
+    errors.raise_pending()
