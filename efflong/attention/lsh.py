@@ -407,7 +407,9 @@ def attend_step(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.A
 
   In each round a query sees its own key (logit SELF) and the C most recent earlier keys of its
   bucket: the cache's ring of that bucket, read by index (O(R C H) per token and head, flat in
-  the context). With n_hashes > 1 and allow_duplicates=False a key in the query's window in N_ij
+  the context by design). Measured, a step still grows with the cache (55x from 1K to 64K
+  cached positions, experiments/results/decode_cpu.md), as dense's does beyond its reads: some
+  whole-cache traffic per step remains to be found (issue 19's profiling). With n_hashes > 1 and allow_duplicates=False a key in the query's window in N_ij
   rounds gets -log N_ij, N_ij counted over the query's rings. The new positions are taken one at a
   time (a scan: a prefill of T positions is T such steps).
 
