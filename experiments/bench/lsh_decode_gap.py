@@ -11,7 +11,8 @@ settings, e.g. 4 hash rounds for the duplication default):
 - parallel: the model over the whole sequence (what eval/* in metrics.jsonl reports);
 - prefix: the logits at every t from the model run on the prefix alone: the tokens after t replaced
   by token 0 and given segment id 0, so the output at t is a function of tokens <= t only (what
-  generation without a cache computes);
+  generation without a cache computes); also its largest logit change against parallel and the
+  share of scored positions whose argmax changed;
 - cached: model.prefill over the sequence (the cached decoder's state update, token by token
   inside); only where the family's settings decode (the chunked form refuses).
 
@@ -93,6 +94,11 @@ def measure(workdir: str) -> dict[str, Any]:
         refused = str(e)
     for form, value in logits.items():
       add(totals[form], task.loss_and_metrics(jnp.asarray(value), batch)[1])
+    weighted = np.asarray(batch['weights']) > 0
+    moved = np.abs(np.asarray(logits['prefix']) - np.asarray(logits['parallel'])).max(-1)
+    flipped = logits['prefix'].argmax(-1) != np.asarray(logits['parallel']).argmax(-1)
+    add(totals['prefix'], {'largest_logit_change': (moved[weighted].max(), 1.0)})
+    add(totals['prefix'], {'argmax_changed': (flipped[weighted].sum(), weighted.sum())})
   row = {'workdir': workdir, 'task': config.task.name, 'step': step, 'eval_attention_kw': kw}
   for form, sums in totals.items():
     row[form] = {k: s / max(c, 1.0) for k, (s, c) in sums.items()} if sums else 'refused'
@@ -125,6 +131,10 @@ def main(argv: list[str]) -> None:
       lines.append(f"| {r['workdir']} | {r['task']} | {form} | {metric} | "
                    f"{r['parallel'][metric]:.4f} | {r['prefix'][metric]:.4f} | {cached} | "
                    f"{r['prefix'][metric] - r['parallel'][metric]:+.5f} |")
+    lines.append(f"| {r['workdir']} | {r['task']} | {form} | prefix vs parallel: largest "
+                 f"logit change (a batch's, mean over batches), argmax changed | | | | "
+                 f"{r['prefix']['largest_logit_change']:.2e}, "
+                 f"{r['prefix']['argmax_changed']:.2%} |")
   benchlib.emit(_OUT.value, lines, rows)
 
 
