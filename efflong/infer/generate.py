@@ -32,18 +32,26 @@ from efflong import attention, errors, models, tasks
 from efflong.infer import decode
 from efflong.train import trainer
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A training run\'s directory (config.json and '
-                               'checkpoints/).')
-_PROMPT = flags.DEFINE_string('prompt', None, 'The prompt: text (bytes_lm) or symbols separated by '
-                              "spaces (duplication, e.g. '0 5 3 7 0').")
-_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', None, 'The most tokens to generate '
-                                       '(default: up to task.seq_len).')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0: greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens only; 0: all.')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the most likely tokens holding this '
-                            'much probability, in (0, 1]; 1: all.')
-_BEAMS = flags.DEFINE_integer('beams', 0, 'Beam search with this many beams; 0: sampling.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
+def define_flags() -> dict[str, flags.FlagHolder]:
+  """The command's flags, defined only when it runs (efflong.main defines --workdir too, and a
+  process, such as a test session, may import both modules)."""
+  return {
+      'workdir': flags.DEFINE_string('workdir', None, "A training run's directory (config.json "
+                                     'and checkpoints/).'),
+      'prompt': flags.DEFINE_string('prompt', None, 'The prompt: text (bytes_lm) or symbols '
+                                    "separated by spaces (duplication, e.g. '0 5 3 7 0')."),
+      'max_new_tokens': flags.DEFINE_integer('max_new_tokens', None, 'The most tokens to '
+                                             'generate (default: up to task.seq_len).'),
+      'temperature': flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0: greedy.'),
+      'top_k': flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens only; 0: '
+                                    'all.'),
+      'top_p': flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling: the most likely tokens '
+                                  'holding this much probability, in (0, 1]; 1: all.'),
+      'beams': flags.DEFINE_integer('beams', 0, 'Beam search with this many beams; 0: sampling.'),
+      'seed': flags.DEFINE_integer('seed', 0, 'Sampling seed.'),
+  }
 
 
 class Codec(NamedTuple):
@@ -190,17 +198,17 @@ def duplication_by_decoding(workdir: str) -> dict[str, float]:
           'decoding_tokens_per_s': decoded.size * (half - 1) / seconds}
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
+  """The command: holders are define_flags()'s, parsed."""
   if len(argv) > 1:
     sys.exit(f'efflong: unexpected arguments {argv[1:]}; flags are --name=value.')
-  for flag in (_WORKDIR, _PROMPT):
-    if flag.value is None:
-      sys.exit(f'efflong: --{flag.name} is required.')
+  values = {name: holder.value for name, holder in holders.items()}
+  for name in ('workdir', 'prompt'):
+    if values[name] is None:
+      sys.exit(f'efflong: --{name} is required.')
   logging.set_verbosity(logging.WARNING)
   try:
-    text, out = generate_text(_WORKDIR.value, _PROMPT.value, max_new_tokens=_MAX_NEW_TOKENS.value,
-                              temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                              top_p=_TOP_P.value, beams=_BEAMS.value, seed=_SEED.value)
+    text, out = generate_text(values.pop('workdir'), values.pop('prompt'), **values)
   except (errors.Error, errors.KeywordError) as e:
     if os.environ.get('EFFLONG_TRACEBACK'):
       raise
@@ -212,4 +220,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _HOLDERS = define_flags()
+  app.run(lambda argv: main(argv, _HOLDERS))
