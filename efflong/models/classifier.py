@@ -109,10 +109,12 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
 
 class Tower(nnx.Module):
   """Embedding, a bidirectional stack and per-example pooling (`pool`: tokens [B, T] ->
-  [B, S, D]); the classifiers add their head."""
+  [B, S, D]), and the head its subclass makes (`make_head`)."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
-               max_segments: int, attention_kw: dict, dtype: Dtype, rngs: nnx.Rngs):
+               num_classes: int, attention_kw: dict, rngs: nnx.Rngs, max_segments: int = 1,
+               **unused_task):
+    dtype = jnp.dtype(cfg.dtype)
     if cfg.pooling not in POOLINGS:
       raise errors.Error(f'unknown model.pooling {cfg.pooling!r}; valid: {list(POOLINGS)}.')
     if max_segments < 1:
@@ -125,6 +127,13 @@ class Tower(nnx.Module):
                          attention_kw=attention_kw, dtype=dtype, rngs=rngs)
     self.cls = nnx.Param(partitioned(nnx.initializers.zeros, 'embed')(
         rngs.params(), (cfg.d_model,))) if cls else None
+    self.head = self.make_head(cfg, num_classes, dtype=dtype, rngs=rngs)
+
+  @staticmethod
+  def make_head(cfg: ml_collections.ConfigDict, num_classes: int, *, dtype: Dtype,
+                rngs: nnx.Rngs) -> nnx.Module:
+    """The subclass's head over the pooled features."""
+    raise NotImplementedError
 
   def pool(self, tokens: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None,
            *, key: jax.Array | None, global_tokens: jax.Array | None = None) -> jax.Array:
@@ -182,14 +191,11 @@ class Classifier(Tower):
   """kind 'classifier': Tower + MLPHead; batch inputs, segment_ids?, positions?, global_tokens?
   -> [B, S, num_classes] float32 logits, S = max_segments (module docstring)."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
-               num_classes: int, attention_kw: dict, rngs: nnx.Rngs, max_segments: int = 1,
-               **unused_task):
-    dtype = jnp.dtype(cfg.dtype)
-    super().__init__(cfg, vocab_size=vocab_size, max_len=max_len, max_segments=max_segments,
-                     attention_kw=attention_kw, dtype=dtype, rngs=rngs)
+  @staticmethod
+  def make_head(cfg: ml_collections.ConfigDict, num_classes: int, *, dtype: Dtype,
+                rngs: nnx.Rngs) -> nnx.Module:
     mlp = cfg.classifier_mlp_dim
-    self.head = MLPHead(cfg.d_model, (mlp,) if mlp else (), num_classes, dtype=dtype, rngs=rngs)
+    return MLPHead(cfg.d_model, (mlp,) if mlp else (), num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
     pooled = self.pool(batch['inputs'], batch.get('segment_ids'), batch.get('positions'), key=key,
@@ -207,15 +213,12 @@ class DualEncoder(Tower):
   rows); the head reads pair_features of the pooled u, v. Batch inputs1, segment_ids1?,
   positions1?, inputs2, segment_ids2?, positions2? ([B, T] each) -> [B, S, num_classes]."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, vocab_size: int, max_len: int,
-               num_classes: int, attention_kw: dict, rngs: nnx.Rngs, max_segments: int = 1,
-               **unused_task):
-    dtype = jnp.dtype(cfg.dtype)
-    super().__init__(cfg, vocab_size=vocab_size, max_len=max_len, max_segments=max_segments,
-                     attention_kw=attention_kw, dtype=dtype, rngs=rngs)
+  @staticmethod
+  def make_head(cfg: ml_collections.ConfigDict, num_classes: int, *, dtype: Dtype,
+                rngs: nnx.Rngs) -> nnx.Module:
     mlp = cfg.classifier_mlp_dim
-    self.head = MLPHead(4 * cfg.d_model, (mlp, mlp // 2) if mlp else (), num_classes, dtype=dtype,
-                        rngs=rngs)
+    return MLPHead(4 * cfg.d_model, (mlp, mlp // 2) if mlp else (), num_classes, dtype=dtype,
+                   rngs=rngs)
 
   def features(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
     """[B, S, 4D]: pair_features of the pooled documents."""

@@ -6,7 +6,8 @@ Reads finished runs (their config.json, done.json and metrics.jsonl) and writes
                               `paper` command for each cell not run here;
   <out>_listops.md            ListOps: every family's test accuracy beside the majority class of the
                               generated test split (measured here), with learning curves
-                              (<out>_curves.png: eval/accuracy against step, ListOps and Pathfinder).
+                              (<out>_curves.png: eval/accuracy against step, ListOps and
+                              Pathfinder).
 
 Command (after the runs whose commands RUNS below lists):
   ./launch.sh bench lra_report [--out=experiments/results/lra]
@@ -113,7 +114,8 @@ def main(argv: list[str]) -> None:
   for task, (share, n) in base.items():
     lines.append(f'- {task}: majority class of the generated test split: {100 * share:.1f}% '
                  f'({n} examples)')
-  lines += ['', '| task | family | ours | paper | steps | command |', '|---|---|---:|---:|---:|---|']
+  lines += ['', '| task | family | ours | paper | steps | command |',
+            '|---|---|---:|---:|---:|---|']
   for r in rows:
     ours = '—' if r['ours'] is None else f"{r['ours']:.1f}"
     lines.append(f"| {r['task']} | {r['family']} | {ours} | {r['paper']:.2f} | "
@@ -123,9 +125,9 @@ def main(argv: list[str]) -> None:
   if 'listops' in base:
     share = 100 * base['listops'][0]
     listops = [r for r in rows if r['task'] == 'listops']
+    data = done[('listops', 'dense')][0]['config']['task']
     text = ['# LRA ListOps on the CPU: every family', '', *head, f'- runs: `{_LISTOPS}`',
-            f"- data: generated ListOps, {done[('listops', 'dense')][0]['config']['task']['min_len']}"
-            f" < length < {done[('listops', 'dense')][0]['config']['task']['max_len']} tokens; "
+            f"- data: generated ListOps, {data['min_len']} < length < {data['max_len']} tokens; "
             f'majority class of the test split {share:.1f}%', '',
             '| family | test accuracy (%) | over majority (points) | LRA paper (%) |',
             '|---|---:|---:|---:|']
@@ -134,7 +136,8 @@ def main(argv: list[str]) -> None:
         text.append(f"| {r['family']} | {r['ours']:.1f} | {r['ours'] - share:+.1f} | "
                     f"{r['paper']:.2f} |")
     flat = [r['family'] for r in listops if r['ours'] is not None and r['ours'] - share < 5]
-    text += ['', f"Within 5 points of the majority class (not learning): {', '.join(flat) or 'none'}.",
+    text += ['', 'Within 5 points of the majority class (not learning): '
+             f"{', '.join(flat) or 'none'}.",
              f'Learning curves: {pathlib.Path(_OUT.value).name}_curves.png']
     benchlib.write(_OUT.value + '_listops', '\n'.join(text) + '\n', listops)
   fig, axes = plt.subplots(1, 2, figsize=(12, 4))

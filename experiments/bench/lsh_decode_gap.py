@@ -54,7 +54,7 @@ Sums = dict[str, tuple[float, float]]
 
 
 def prefix_logits(forward, inputs: np.ndarray, rows: int) -> np.ndarray:
-  """[B, T, V] logits where position t sees only inputs[:, :t + 1] (later tokens -> 0, segment 0)."""
+  """[B, T, V] logits where position t sees only inputs[:, :t + 1] (later tokens: 0, segment 0)."""
   b, t = inputs.shape
   keep = np.arange(t)[None, :] <= np.arange(t)[:, None]                    # [t (cut), T]
   tokens = np.where(keep[:, None], inputs[None], 0).reshape(t * b, t)       # [cut * B, T]

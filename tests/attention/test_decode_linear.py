@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efflong.attention import Mask, linear, performer
+import tests.attention as attention_tests
 from tests.attention import arrays, close
 
 B, N, KH, H = 2, 4, 2, 8
@@ -21,34 +22,11 @@ LENGTHS = np.sum(SCHEDULE, axis=0)   # Real positions per row: 13 and 10.
 
 
 def replay(step, cache, q, k, v, schedule=SCHEDULE, **inputs):
-  """Runs step(q, k, v, cache, mask=, **inputs) over the rows' sequences q [B, L, N, H], k, v
-  [B, L, K, H]: call c feeds schedule[c][b] new positions of row b, right-padded to their max.
-
-  Returns:
-    the outputs [B, L, N, H] at the fed positions (NaN elsewhere) and the final cache.
-  """
-  b, length = q.shape[:2]
-  got = np.full(q.shape[:3] + v.shape[3:], np.nan)
-  cur = np.zeros(b, int)
-  noise = np.random.default_rng(7)
-  for counts in schedule:
-    t = max(counts)
-    index = np.minimum(cur[:, None] + np.arange(t), length - 1)            # [B, T]
-    real = np.arange(t)[None] < np.asarray(counts)[:, None]                # [B, T]
-
-    def take(x):
-      x = np.asarray(x)[np.arange(b)[:, None], index]
-      return jnp.asarray(np.where(real[..., None, None], x,
-                                  30 * noise.standard_normal(x.shape)), x.dtype)
-
-    out, cache = step(take(q), take(k), take(v), cache,
-                      mask=Mask.from_segments(jnp.asarray(real, jnp.int32), causal=True), **inputs)
-    rows, cols = np.nonzero(real)
-    got[rows, index[rows, cols]] = np.asarray(out)[rows, cols]
-    assert np.isfinite(np.asarray(out)).all(), 'padding made a non-finite output'
-    cur += counts
-  np.testing.assert_array_equal(cache['length'], cur)
-  return got, cache
+  """tests.attention.replay of step(q, k, v, cache, mask=, **inputs) (an attend_step) over the
+  rows' sequences q [B, L, N, H], k, v [B, L, K, H]."""
+  call = lambda q, k, v, cache, seg: step(q, k, v, cache, mask=Mask.from_segments(seg, causal=True),
+                                          **inputs)
+  return attention_tests.replay(call, cache, (q, k, v), schedule)
 
 
 def check_rows(got, want, what, lengths=LENGTHS, rtol=1e-5):

@@ -3,9 +3,12 @@ equals the family's causal `attend` over each row's whole sequence at every real
 cache is a ring of the last window * dilation keys (plus longformer's global tokens), whatever
 max_len.
 
-`replay` (shared with test_decode_sparse) feeds the rows call by call, right-padding each call with
-loud noise that must reach neither a real output nor the cache.
+`replay` (tests.attention.replay on SCHEDULE; shared with test_decode_sparse) feeds the rows call
+by call, right-padding each call with loud noise that must reach neither a real output nor the
+cache.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ import pytest
 
 from efflong import attention, errors
 from efflong.attention import Mask, local, longformer
+import tests.attention as attention_tests
 from tests.attention import arrays, close
 
 B, N, KH, H = 2, 4, 2, 4
@@ -24,39 +28,7 @@ SCHEDULE = [(13, 1)] + [(1, 1)] * 8 + [(0, 1)] + [(1, 1)] * 7 + [(1, 0)] * 2
 LENGTHS = np.sum(SCHEDULE, axis=0)
 
 
-def replay(step, cache, sequences, schedule=SCHEDULE):
-  """Runs step(*new, cache, segment_ids) over the rows' sequences, call by call.
-
-  Args:
-    step: (the new positions of each array in sequences, cache, segment_ids [B, T]) -> (out, cache).
-    cache: the empty cache.
-    sequences: arrays [B, L, ...] (q first), fed position by position.
-    schedule: per call, the number of real new positions of each row; a call's T is their max,
-      the rest of a row's block is noise (padding).
-  Returns:
-    outputs [B, L, N, H] at the fed positions (NaN elsewhere) and the final cache.
-  """
-  b, length = sequences[0].shape[:2]
-  got = np.full(sequences[0].shape, np.nan)
-  cur = np.zeros(b, int)
-  noise = np.random.default_rng(7)
-  for counts in schedule:
-    t = max(counts)
-    index = np.minimum(cur[:, None] + np.arange(t), length - 1)            # [B, T]
-    real = np.arange(t)[None] < np.asarray(counts)[:, None]                # [B, T]
-
-    def take(x):
-      x = np.asarray(x)[np.arange(b)[:, None], index]
-      return jnp.asarray(np.where(real.reshape(real.shape + (1,) * (x.ndim - 2)), x,
-                                  30 * noise.standard_normal(x.shape)), x.dtype)
-
-    out, cache = step(*map(take, sequences), cache, jnp.asarray(real, jnp.int32))
-    assert np.isfinite(np.asarray(out)).all(), 'padding made a non-finite output'
-    rows, cols = np.nonzero(real)
-    got[rows, index[rows, cols]] = np.asarray(out)[rows, cols]
-    cur += counts
-  np.testing.assert_array_equal(cache['length'], cur)
-  return got, cache
+replay = functools.partial(attention_tests.replay, schedule=SCHEDULE)
 
 
 def reference(attend, sequences, lengths):
