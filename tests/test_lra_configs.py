@@ -27,6 +27,7 @@ def fake_source(task, split):
           for i in range(8)]
 
 
+@pytest.mark.slow  # ~100 s of CPU: `./launch.sh test -m slow`
 def test_every_paper_config_trains_two_steps(monkeypatch):
   """The paper setup of each task (kind, pooling, schedule, dropout, positions, head), shrunk to a
   tiny width, length and batch: 2 finite train steps over the 8 test devices (evaluation: the
