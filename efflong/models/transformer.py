@@ -102,10 +102,11 @@ def _decode_stack(embedder: Embedder, stack: Stack, tokens: jax.Array,
   x, layers = stack.decode(x, cache['layers'], segment_ids=segment_ids,
                            global_tokens=global_tokens)
   real = tokens.shape[1] if segment_ids is None else (segment_ids != 0).sum(1, dtype=jnp.int32)
-  errors.check(lambda longest, max_len: None if longest <= max_len else (
-      f'decoding past the cache: a row reached {longest} positions, the cache holds max_len='
-      f'{max_len} (init_cache); its later positions were not cached.'),
-      (length + real).max(), cache['max_len'].max())
+  longest, max_len = (length + real).max(), cache['max_len'].max()
+  # The host check runs only when a row overflows: no host round-trip per decoded token.
+  jax.lax.cond(longest > max_len, lambda: errors.check(lambda n, m: (
+      f'decoding past the cache: a row reached {n} positions, the cache holds max_len={m} '
+      '(init_cache); its later positions were not cached.'), longest, max_len), lambda: None)
   return embedder.decode(x), {**cache, 'length': length + real, 'layers': layers}
 
 
