@@ -44,6 +44,7 @@ from flax import nnx
 import benchlib
 from efflong import errors, tasks
 from efflong.infer import generate
+from efflong.train import trainer
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Training runs (lm, lsh attention).')
 _BATCHES = flags.DEFINE_integer('max_batches', 4, 'Eval batches per run (at most).')
@@ -77,7 +78,7 @@ def measure(workdir: str) -> dict[str, Any]:
   task = tasks.build(config)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda batch: nnx.merge(graphdef, state)(batch))
-  kw = {k: v for k, v in model_kw(config).items() if v is not None}
+  kw = {k: v for k, v in trainer.eval_attention_kws(config)['eval'].items() if v is not None}
   cache = model.init_cache(config.eval.batch_size, config.task.seq_len)
   cached = jax.jit(lambda batch, cache: nnx.merge(graphdef, state).prefill(batch, cache)[0])
   refused = ''
@@ -104,13 +105,6 @@ def measure(workdir: str) -> dict[str, Any]:
     row[form] = {k: s / max(c, 1.0) for k, (s, c) in sums.items()} if sums else 'refused'
   row['refused'] = refused
   return row
-
-
-def model_kw(config) -> dict[str, Any]:
-  """The attention settings the run is evaluated with (model.attention_kw updated by eval's)."""
-  kw = dict(config.model.attention_kw)
-  kw.update({k: v for k, v in dict(config.eval.attention_kw).items() if v is not None})
-  return kw
 
 
 def main(argv: list[str]) -> None:
