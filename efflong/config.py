@@ -111,6 +111,7 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       d_model=128,
       num_heads=4,
       num_kv_heads=0,             # 0: as many as num_heads; fewer: grouped-query attention
+      head_dim=0,                 # 0: d_model // num_heads (structured head pruning sets it)
       d_ff=512,
       attention='dense',          # a name in efflong.attention.names()
       attention_impl='xla',       # xla | pallas | auto (Pallas on the GPU where the family has a
@@ -146,11 +147,31 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       eval_every=500,
       checkpoint_every=1000,
       keep_checkpoints=2,
+      l1=0.0,                     # L1 penalty on the kernels (efflong.compress.prune); 0: none
+      init_from='',               # a run's workdir: start (not resume) from its latest parameters
   ))
   c.eval = ml_collections.ConfigDict(dict(steps=4, batch_size=32))
   c.eval.attention_kw = attention_defaults('dense', inherit=True)
   c.eval.variants = ml_collections.ConfigDict()  # {name: attention_kw overrides}: add_eval_variant
   c.eval.mem_len = config_dict.placeholder(int)  # None: model.mem_len (XL may evaluate longer)
+  # Compression while training (efflong/compress): distillation from a trained teacher, pruning
+  # masks held by the optimizer, quantization-aware training.
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher_workdir='',         # '': no distillation
+      temperature=2.0,            # T: softmax(teacher / T) against softmax(student / T)
+      alpha=0.5,                  # loss = alpha T^2 KL + (1 - alpha) task loss
+  ))
+  c.prune = ml_collections.ConfigDict(dict(
+      method='none',              # none | magnitude | nm
+      sparsity=0.0,               # final sparsity s_f of the kernels, in [0, 1)
+      initial_sparsity=0.0,       # s_i at begin_step (gradual: Zhu & Gupta's cubic schedule)
+      begin_step=0,
+      end_step=0,                 # end_step == begin_step: one-shot at begin_step
+      frequency=100,              # steps between mask updates while gradual
+      scope='global',             # global | layer: one magnitude threshold, or one per kernel
+      n=2, m=4,                   # nm: n nonzeros in every group of m along the reduction axis
+  ))
+  c.qat = ml_collections.ConfigDict(dict(method='none'))  # none | int8 | w8a8 | int4 (fake quant)
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
   c.sharding_rules = DEFAULT_RULES
   return c

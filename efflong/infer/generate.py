@@ -29,6 +29,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from efflong import attention, errors, models, tasks
+from efflong import config as config_lib
 from efflong.infer import decode
 from efflong.train import trainer
 
@@ -87,13 +88,21 @@ def _tuples(x: Any) -> Any:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config of the run in workdir (its config.json)."""
+  """The config of the run in workdir (its config.json); a section or key added to the skeleton
+  (efflong.config.base) after the run was made takes its default."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise errors.Error(f'no config.json in {workdir!r}: not the workdir of a training run '
                        '(./launch.sh writes one there).')
   with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+    saved = _tuples(json.load(f))
+  defaults = config_lib.base(saved['task']['name']).to_dict()
+  for section, values in defaults.items():
+    if isinstance(values, dict) and isinstance(saved.get(section), dict):
+      saved[section] = {**values, **saved[section]}
+    else:
+      saved.setdefault(section, values)
+  return ml_collections.ConfigDict(saved)
 
 
 def load_model(workdir: str,

@@ -27,11 +27,13 @@ class Block(nnx.Module):
                attention_kw: dict, max_len: int | None = None, stack_modules: dict | None = None,
                dtype: Dtype, rngs: nnx.Rngs):
     d = cfg.d_model
-    if d % cfg.num_heads:
-      raise errors.Error(f'model.d_model={d} is not divisible by model.num_heads={cfg.num_heads}.')
+    head_dim = cfg.head_dim or d // cfg.num_heads
+    if not cfg.head_dim and d % cfg.num_heads:
+      raise errors.Error(f'model.d_model={d} is not divisible by model.num_heads={cfg.num_heads} '
+                         '(or set model.head_dim).')
     self.pre_ln = cfg.norm == 'pre'
     self.dropout_rate = cfg.dropout_rate
-    attn = dict(d_model=d, num_heads=cfg.num_heads, head_dim=d // cfg.num_heads,
+    attn = dict(d_model=d, num_heads=cfg.num_heads, head_dim=head_dim,
                 num_kv_heads=cfg.num_kv_heads, impl=cfg.attention_impl, dtype=dtype, rngs=rngs)
     self.self_attn = Attention(family=cfg.attention, family_kw=attention_kw, causal=causal,
                                max_len=max_len, stack_modules=stack_modules, **attn)
