@@ -1,5 +1,6 @@
-"""optax AdamW (decaying only the kernels) with linear warmup then cosine / rsqrt / constant, and
-global-norm clipping."""
+"""optax AdamW (decaying only the kernels) with linear warmup then cosine / rsqrt / constant,
+global-norm clipping, an optional L1 penalty on the kernels and optional pruning masks
+(efflong.compress.prune)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import optax
 from flax import nnx
 
 from efflong import errors
+from efflong.compress import prune as prune_lib
 
 SCHEDULES = ('cosine', 'rsqrt', 'constant')
 
@@ -36,6 +38,15 @@ def schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
 _KERNEL_INPUTS = (('embed',), ('mlp',), ('heads', 'head_dim'))
 
 
+def kernel_inputs(names: Sequence[str | None]) -> int:
+  """How many leading axes of a kernel with these logical axis names are its input (contracted)
+  axes: 1 for ('embed', ...) and ('mlp', ...), 2 for ('heads', 'head_dim', ...); 0 if the
+  parameter is not a kernel (`is_kernel`)."""
+  names = tuple(names)
+  return next((len(inputs) for inputs in _KERNEL_INPUTS
+               if names[:len(inputs)] == inputs and len(names) > len(inputs)), 0)
+
+
 def is_kernel(names: Sequence[str | None]) -> bool:
   """Whether a parameter with these logical axis names is a projection's or feed-forward's kernel.
 
@@ -48,9 +59,7 @@ def is_kernel(names: Sequence[str | None]) -> bool:
   (None, None, length), indexed by position like a position table; norms and biases (one axis);
   Transformer-XL's u and v (heads, head_dim), biases added to the queries.
   """
-  names = tuple(names)
-  return any(names[:len(inputs)] == inputs and len(names) > len(inputs)
-             for inputs in _KERNEL_INPUTS)
+  return kernel_inputs(names) > 0
 
 
 def decay_mask(params: Any) -> Any:
@@ -76,14 +85,31 @@ def decay_mask(params: Any) -> Any:
                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """The optimizer for config.train: weight decay reaches the kernels only (`decay_mask`).
+def make(cfg: ml_collections.ConfigDict,
+         prune: ml_collections.ConfigDict | None = None) -> optax.GradientTransformation:
+  """The optimizer for config.train (and config.prune): weight decay reaches the kernels only
+  (`decay_mask`).
 
   Token embeddings, position tables, norms and biases are not decayed: the common choice for norms
   and biases everywhere, and for embeddings in many trainers (others, BERT's among them, decay
   the embedding table too).
+
+  The chain: L1 penalty (train.l1 > 0), global-norm clipping (train.grad_clip > 0), AdamW, pruning
+  masks (prune.method != 'none'). The L1 subgradient joins the gradient first because it is the
+  gradient of a term of the objective (loss + l1 * sum |w|): clipping then bounds the objective's
+  whole gradient, as it would if the penalty were added to the loss. Pruning comes last so that
+  nothing after it can move a masked weight off zero (efflong.compress.prune.transform).
+
+  Raises:
+    errors.Error: a bad train.l1 or prune setting (prune_lib.check), in one line.
   """
-  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts = [prune_lib.l1_penalty(cfg.l1)] if cfg.l1 else []
+  if cfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
                            mask=decay_mask))
+  if prune is not None:
+    prune_lib.check(prune)  # also with method 'none': a sparsity set without a method is refused
+    if prune.method != 'none':
+      parts.append(prune_lib.transform(prune))
   return optax.chain(*parts)
