@@ -6,6 +6,9 @@ A task gives the trainer three things and one flag, nothing else:
   eval_dataset(process_index, process_count) -> grain.IterDataset, finite.
   loss_and_metrics(outputs, batch) -> (loss, {name: (sum, count)}): loss is the differentiated
       scalar; metrics are sums and counts, so they add up across micro-batches, devices and batches.
+  target_weights(batch) -> [B, P] float: the weight of each output position the loss scores, the
+      first P along the outputs' axis 1 (tokens of a language model, example slots of a
+      classifier); 0 where none. Distillation (efflong.compress.distill) scores the same ones.
   contiguous_rows: bool, True when row b of each train batch continues row b of the previous one
       (the text streams of a language model), so a model may carry memory from batch to batch.
 """
@@ -45,6 +48,9 @@ class Task(Protocol):
 
   def loss_and_metrics(self, outputs: jax.Array,
                        batch: dict[str, jax.Array]) -> tuple[jax.Array, Metrics]:
+    ...
+
+  def target_weights(self, batch: dict[str, jax.Array]) -> jax.Array:
     ...
 
 

@@ -207,9 +207,13 @@ class BytesLM:
   def eval_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
     return self._dataset('valid', self.eval_steps, self.eval_batch, process_index, process_count)
 
+  def target_weights(self, batch: dict) -> jax.Array:
+    """[b, T]: batch['weights'] (every next byte is scored)."""
+    return batch['weights']
+
   def loss_and_metrics(self, outputs: jax.Array, batch: dict) -> tuple[jax.Array, Metrics]:
     """token_metrics on logits [b, T, 256], plus bits_per_byte: the summed nll / ln 2."""
-    loss, metrics = token_metrics(outputs, batch['targets'], batch['weights'])
+    loss, metrics = token_metrics(outputs, batch['targets'], self.target_weights(batch))
     nll_sum, count = metrics['loss']
     metrics['bits_per_byte'] = (nll_sum / math.log(2), count)
     return loss, metrics

@@ -76,5 +76,10 @@ class Duplication:
   def eval_dataset(self, process_index: int, process_count: int) -> grain.IterDataset:
     return self._dataset(_EVAL, self.eval_examples, self.eval_batch, process_index, process_count)
 
+  def target_weights(self, batch: dict) -> jax.Array:
+    """[b, T]: batch['weights'], 1 on the positions that predict the second w (with fill: the
+    blanks)."""
+    return batch['weights']
+
   def loss_and_metrics(self, outputs: jax.Array, batch: dict) -> tuple[jax.Array, Metrics]:
-    return token_metrics(outputs, batch['targets'], batch['weights'])
+    return token_metrics(outputs, batch['targets'], self.target_weights(batch))

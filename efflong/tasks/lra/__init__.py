@@ -161,17 +161,22 @@ class LRA:
     ds = grain.MapDataset.range(total)[process_index::process_count].map(row)
     return ds.batch(local_batch_size(self.eval_batch, process_count)).to_iter_dataset()
 
+  def target_weights(self, batch: dict) -> jax.Array:
+    """[b, slots]: batch['label_weights'], 1 on the example slots that hold an example."""
+    return batch['label_weights']
+
   def loss_and_metrics(self, outputs: jax.Array, batch: dict) -> tuple[jax.Array, Metrics]:
     """Cross-entropy and accuracy over the weighted slots of logits [b, S, C] (sums, counts).
 
     Unpacked rows (eval, and train without pack) fill slot 0 only: labels [b, 1] read the first
     slot of a model built for S > 1.
     """
-    slots = batch['labels'].shape[1]
+    weights = self.target_weights(batch)
+    slots = weights.shape[1]
     if outputs.shape[1] < slots:
       raise errors.Error(f'the model gives {outputs.shape[1]} example slots per row; the batch '
                          f'has {slots} (task.max_segments).')
-    loss, metrics = token_metrics(outputs[:, :slots], batch['labels'], batch['label_weights'])
+    loss, metrics = token_metrics(outputs[:, :slots], batch['labels'], weights)
     del metrics['seq_accuracy']  # per row; a row is not a unit here
     return loss, metrics
 
