@@ -13,11 +13,18 @@ and 2.441 with mem_len=64 (the xl sweep; experiments/results/xl_bytes.md).
 Command:
   python -m efflong.main --config=configs/bytes_lm.py --workdir=runs/bytes_lm
   python -m efflong.main --config=configs/bytes_lm.py:corpus=/data/enwik8.zip --workdir=runs/enwik8
+Distillation (efflong/compress/distill.py): a narrower student taught by the run above:
+  python -m efflong.main --config=configs/bytes_lm.py:d_model=64,distill=runs/bytes_lm \
+      --workdir=runs/bytes_lm_kd
 
 Arguments (comma separated, e.g. `configs/bytes_lm.py:attention=local,seq_len=256,smoke`):
   attention   attention family (default dense); its hyper-parameters come from `family_kw` below
   seq_len     segment length T (default 64)
   layers      number of layers (default 2)
+  d_model     model width, with d_ff = 4 * d_model (default 0: d_model 128 and d_ff 512; with
+              smoke 32 and 64); the heads stay 4 (smoke: 2)
+  distill     a trained run's workdir: distil from it as the teacher (config.distill; temperature
+              and alpha by --config.distill.temperature / .alpha, default 2.0 and 0.5)
   corpus      'stdlib' (default) or the path of a byte file (enwik8, enwik8.zip, ...)
   mem_len     Transformer-XL's segment memory (default 0); needs attention=xl (which also turns
               absolute positions off); `--config.eval.mem_len=N` evaluates with a longer one
@@ -35,8 +42,8 @@ import ml_collections
 
 from efflong import config as config_lib
 
-ARGS = dict(attention='dense', seq_len=64, layers=2, corpus='stdlib', mem_len=0, smoke=False,
-            xl=False)
+ARGS = dict(attention='dense', seq_len=64, layers=2, d_model=0, corpus='stdlib', mem_len=0,
+            distill='', smoke=False, xl=False)
 CURVES = ('eval/bits_per_byte', 'train/bits_per_byte')  # what a sweep plots against step
 FAMILIES = ('dense', 'local', 'lsh', 'linear', 'performer', 'xl')
 
@@ -59,6 +66,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.d_model = 128
   c.model.num_heads = 4
   c.model.d_ff = 512
+  c.distill.teacher_workdir = args['distill']
 
   c.train.steps = 2000
   c.train.batch_size = 16
@@ -72,6 +80,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   if args['smoke']:
     config_lib.smoke(c)
+  if args['d_model']:  # after smoke: a width given is the width used
+    c.model.d_model, c.model.d_ff = args['d_model'], 4 * args['d_model']
   return c
 
 

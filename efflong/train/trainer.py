@@ -1,7 +1,8 @@
 """One training loop for every task: mesh, sharded state, jit'd steps, checkpoints, metrics.
 
-Reads top to bottom: build the mesh, task, model and optimizer; initialise the state directly into
-its shardings (or restore it); then step, log, evaluate and checkpoint until config.train.steps.
+Reads top to bottom: build the mesh, task, model and optimizer (and a distillation teacher); start
+the state directly in its shardings (a fresh init, another run's parameters, or this run's own
+checkpoint); then step, log, evaluate and checkpoint until config.train.steps.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import signal
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from efflong import attention, errors, models, tasks
+from efflong.compress import distill
 from efflong.train import optim, sharding
 from efflong.train.checkpoint import Checkpoints
 from efflong.train.metrics import Accumulator, Writer
@@ -46,6 +50,9 @@ class TrainState:
   model_state: nnx.State  # non-trainable model variables (empty for most families)
   opt_state: optax.OptState
   memory: Any = None  # Transformer-XL's segment memory (model.mem_len > 0), carried across steps
+
+
+Teacher = tuple[nnx.State, nnx.State]  # a distillation teacher's (params, model_state)
 
 
 def eval_attention_kws(config: ml_collections.ConfigDict) -> dict[str, dict]:
@@ -93,39 +100,62 @@ def _before_step(graphdef: nnx.GraphDef, state: TrainState, key: jax.Array) -> n
   return _split(model)[2]
 
 
+def make_loss_fn(config: ml_collections.ConfigDict, task: tasks.Task, graphdef: nnx.GraphDef,
+                 teacher_graphdef: nnx.GraphDef | None = None):
+  """(params, model_state, batch, key, memory, teacher) -> (loss, (metric sums, next memory)).
+
+  teacher: None, or the teacher's (params, model_state) with teacher_graphdef: its outputs, without
+  gradient, enter distill.distillation_loss on the positions the task scores
+  (task.target_weights), and the metrics gain kd_loss; the task's own loss stays `loss`.
+  """
+
+  def loss_fn(params, model_state, batch, key, memory, teacher):
+    outputs, memory = _forward(nnx.merge(graphdef, params, model_state), batch, key, memory)
+    loss, metrics = task.loss_and_metrics(outputs, batch)
+    if teacher is not None:
+      teacher_outputs = jax.lax.stop_gradient(nnx.merge(teacher_graphdef, *teacher)(batch))
+      weights = task.target_weights(batch)
+      scored = weights.shape[1]  # the first P positions of the outputs (tasks.Task)
+      loss, kd_metrics = distill.distillation_loss(
+          outputs[:, :scored], teacher_outputs[:, :scored], loss, weights,
+          temperature=config.distill.temperature, alpha=config.distill.alpha)
+      metrics = {**metrics, **kd_metrics}
+    return loss, (metrics, memory)
+
+  return loss_fn
+
+
 def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
-                    tx: optax.GradientTransformation, graphdef: nnx.GraphDef):
-  """(state, batch) -> (state, metric sums, {grad_norm, learning_rate, finite})."""
+                    tx: optax.GradientTransformation, graphdef: nnx.GraphDef,
+                    teacher_graphdef: nnx.GraphDef | None = None):
+  """(state, batch, teacher=None) -> (state, metric sums, {grad_norm, learning_rate, finite});
+  teacher as make_loss_fn takes it."""
   accum = config.train.grad_accum_steps
   dropout_key = jax.random.key(config.seed + 1)
   hook_key = jax.random.key(config.seed + 2)  # The attention families' per-step draws.
   lr_schedule = optim.schedule(config.train)
+  grad_fn = jax.value_and_grad(make_loss_fn(config, task, graphdef, teacher_graphdef),
+                               has_aux=True)
 
-  def loss_fn(params, model_state, batch, key, memory):
-    """(loss, (metric sums, the next memory or None))."""
-    outputs, memory = _forward(nnx.merge(graphdef, params, model_state), batch, key, memory)
-    loss, metrics = task.loss_and_metrics(outputs, batch)
-    return loss, (metrics, memory)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(state: TrainState, batch: dict):
+  def train_step(state: TrainState, batch: dict, teacher: Teacher | None = None):
     key = jax.random.fold_in(dropout_key, state.step)
     state = state.replace(model_state=_before_step(graphdef, state,
                                                    jax.random.fold_in(hook_key, state.step)))
     if accum == 1:
       (loss, (metrics, memory)), grads = grad_fn(state.params, state.model_state, batch, key,
-                                                 state.memory)
+                                                 state.memory, teacher)
     else:  # no memory here (the trainer refuses mem_len > 0 with grad_accum_steps > 1)
       def body(carry, xs):
         i, micro = xs
-        out = grad_fn(state.params, state.model_state, micro, jax.random.fold_in(key, i), None)
+        out = grad_fn(state.params, state.model_state, micro, jax.random.fold_in(key, i), None,
+                      teacher)
         return jax.tree.map(jnp.add, carry, out), None
 
       micro = _micro_batches(batch, accum)
       first = jax.tree.map(lambda x: x[0], micro)
       zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params,
-                                                          state.model_state, first, key, None))
+                                                          state.model_state, first, key, None,
+                                                          teacher))
       ((loss, (metrics, memory)), grads), _ = jax.lax.scan(body, zeros,
                                                            (jnp.arange(accum), micro))
       loss, grads = loss / accum, jax.tree.map(lambda g: g / accum, grads)
@@ -217,20 +247,100 @@ class Setup:
   shardings: TrainState          # NamedShardings of the state
   batch_sharding: NamedSharding
   init: Any                      # () -> TrainState, created directly in `shardings`
-  train_step: Any                # (state, batch) -> (state, metric sums, scalars); donates state
+  init_from: Any                 # (params, model_state) -> TrainState at step 0 with those
+                                 # (donated) and tx.init(params)
+  train_step: Any                # (state, batch[, teacher]) -> (state, metric sums, scalars);
+                                 # donates state; teacher: `teacher` below, given when it is set
   eval_steps: dict[str, Any]     # {metric prefix: (params, model_state, batch, memory) ->
                                  #  (metric sums, next memory)}
   init_eval_memory: Any          # () -> an empty eval-time memory, or None without one
+  teacher: Teacher | None = None  # distillation (config.distill): the teacher's restored variables
+
+
+def _array_name(path: tuple) -> str:
+  """'params/stack/layers/0/ff/wi/kernel' for a tree path; an nnx Variable's 'value' (an attribute
+  in the model's tree, a dict key in a checkpoint's metadata) is left out."""
+  keys = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
+  return '/'.join(keys[:-1] if keys and keys[-1] == 'value' else keys)
+
+
+def restore_variables(workdir: str, target: dict[str, Any], *, key: str) -> tuple[dict, int]:
+  """(fields of the TrainState in workdir's latest checkpoint, restored into target; its step).
+
+  An orbax partial restore: only the fields target names are read (not the optimizer state), each
+  array directly into its sharding. The checkpoint's shapes are checked first (orbax would pad or
+  cut an array to the target's shape).
+
+  Args:
+    workdir: a training run's directory.
+    target: {field: a tree of jax.ShapeDtypeStruct with shardings}, e.g. {'params': ...,
+      'model_state': ...}, as trainer.TrainState names them.
+    key: the config key that named workdir, for the errors (e.g. 'train.init_from').
+  Raises:
+    errors.Error: no checkpoint in workdir; an array of target missing from it or of another shape.
+  """
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  step = None
+  if os.path.isdir(directory):
+    step = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False)).latest_step()
+  if step is None:
+    raise errors.Error(f'{key}={workdir!r}: no checkpoint in {directory!r}; give the workdir of '
+                       'a trained run.')
+  path = os.path.join(directory, str(step), 'state')
+  flat = lambda tree: {_array_name(p): leaf.shape
+                       for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  saved = flat(ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree)
+  for array, shape in flat(target).items():
+    if array not in saved:
+      raise errors.Error(f'{key}={workdir!r}: {array} of this model is not in its checkpoint '
+                         f'(step {step}); the two models differ.')
+    if saved[array] != shape:
+      raise errors.Error(f'{key}={workdir!r}: {array} has shape {saved[array]} in its checkpoint '
+                         f'(step {step}) and {shape} in this model.')
+  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=target, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  return restored, step
+
+
+def _sharded(abstract: Any, shardings: Any) -> Any:
+  """The tree of jax.ShapeDtypeStruct with the shapes of abstract and these shardings."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                      shardings)
+
+
+def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                 ) -> tuple[nnx.GraphDef, Teacher]:
+  """The distillation teacher of config.distill.teacher_workdir: its model graph, with its own
+  evaluation's attention settings, and its latest parameters and model state, restored once onto
+  mesh by the student's sharding rules.
+
+  Raises:
+    errors.Error: no teacher run there (config.json or checkpoint); a teacher distill.check refuses.
+  """
+  from efflong.infer import generate  # pylint: disable=g-import-not-at-top (it imports trainer)
+  workdir = config.distill.teacher_workdir
+  teacher_config = generate.load_config(workdir)
+  distill.check(config, teacher_config)
+  graphdef, params, rest = _split(generate.abstract_model(teacher_config))
+  abstract = {'params': params, 'model_state': rest}
+  target = _sharded(abstract, sharding.state_shardings(abstract, mesh, config.sharding_rules))
+  restored, _ = restore_variables(workdir, target, key='distill.teacher_workdir')
+  return graphdef, (restored['params'], restored['model_state'])
 
 
 def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Setup:
-  """Builds the mesh, task, model graphs, shardings and the jit'd init / train / eval steps."""
+  """Builds the mesh, task, model graphs, shardings and the jit'd init / train / eval steps; with
+  config.distill.teacher_workdir, restores the teacher (load_teacher)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = config.sharding_rules
   task = tasks.build(config)
   check_memory(config, task)
-  tx = optim.make(config.train)
+  tx = optim.make(config.train, config.prune)
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  teacher_graphdef, teacher = (load_teacher(config, mesh) if config.distill.teacher_workdir else
+                               (None, None))
 
   # Abstract model -> shardings -> state created directly in them (no single-device copy).
   build = lambda kw=None: models.build(config, attention_kw=kw, rngs=nnx.Rngs(config.seed))
@@ -245,19 +355,23 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
       memory=_memory_shardings(abs_memory, batch_sharding))
   abstract = abstract.replace(memory=abs_memory)
 
-  @functools.partial(jax.jit, out_shardings=shardings)
-  def init() -> TrainState:
-    _, params, rest = _split(build())
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=rest,
+  def start(params: nnx.State, model_state: nnx.State) -> TrainState:
+    # The optimizer state is made from these parameters (a pruning mask is computed from them).
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=tx.init(params), memory=train_memory())
+
+  init = jax.jit(lambda: start(*_split(build())[1:]), out_shardings=shardings)
+  init_from = jax.jit(start, in_shardings=(shardings.params, shardings.model_state),
+                      out_shardings=shardings, donate_argnums=(0, 1))
 
   eval_mem_len = config.model.mem_len if config.eval.mem_len is None else config.eval.mem_len
   eval_memory = functools.partial(memory, config.eval.batch_size, eval_mem_len)
   eval_memory_shardings = _memory_shardings(jax.eval_shape(eval_memory), batch_sharding)
   init_eval_memory = jax.jit(eval_memory, out_shardings=eval_memory_shardings)
   replicated = NamedSharding(mesh, P())
-  train_step = jax.jit(make_train_step(config, task, tx, graphdef),
-                       in_shardings=(shardings, batch_sharding),
+  teacher_shardings = () if teacher is None else (jax.tree.map(lambda x: x.sharding, teacher),)
+  train_step = jax.jit(make_train_step(config, task, tx, graphdef, teacher_graphdef),
+                       in_shardings=(shardings, batch_sharding, *teacher_shardings),
                        out_shardings=(shardings, replicated, replicated), donate_argnums=0)
   eval_steps = {
       prefix: jax.jit(make_eval_step(task, _split(nnx.eval_shape(lambda kw=kw: build(kw)))[0]),
@@ -265,13 +379,44 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
                                     eval_memory_shardings),
                       out_shardings=(replicated, eval_memory_shardings))
       for prefix, kw in eval_attention_kws(config).items()}
-  return Setup(mesh, task, abstract, shardings, batch_sharding, init, train_step, eval_steps,
-               init_eval_memory)
+  return Setup(mesh, task, abstract, shardings, batch_sharding, init, init_from, train_step,
+               eval_steps, init_eval_memory, teacher)
+
+
+def initial_state(config: ml_collections.ConfigDict, run: Setup, ckpts: Checkpoints,
+                  data_iter: grain.DatasetIterator) -> tuple[TrainState, str | None]:
+  """The state a run starts from, and a line saying where from (None: a fresh init).
+
+  This run's own latest checkpoint, with data_iter restored in place (a resume: train.init_from is
+  then not read); else, with config.train.init_from, the latest parameters and model state of that
+  run, restored directly into this run's shardings, with a fresh optimizer state made from them and
+  step 0 (the data starts afresh too); else run.init().
+
+  Raises:
+    errors.Error: train.init_from names no trained run, or one whose model's shapes differ.
+  """
+  start, init_from = ckpts.latest_step(), config.train.init_from
+  if start is not None:
+    ignored = f' (train.init_from={init_from!r} is not read on a resume)' if init_from else ''
+    return (ckpts.restore(start, run.abstract, run.shardings, data_iter),
+            f'Resumed from the checkpoint at step {start} in {ckpts.directory}{ignored}.')
+  if not init_from:
+    return run.init(), None
+  target = _sharded({'params': run.abstract.params, 'model_state': run.abstract.model_state},
+                    {'params': run.shardings.params, 'model_state': run.shardings.model_state})
+  restored, step = restore_variables(init_from, target, key='train.init_from')
+  return (run.init_from(restored['params'], restored['model_state']),
+          f'Started from the parameters of step {step} of {os.path.abspath(init_from)} '
+          '(train.init_from), with a fresh optimizer state.')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: list[jax.Device] | None = None) -> dict[str, float]:
   """Trains config in workdir, resuming from its latest checkpoint; returns the final metrics.
+
+  A run without a checkpoint of its own starts from train.init_from's parameters when that is set
+  (a resume does not read it; initial_state); config.distill.teacher_workdir makes it a
+  distillation (load_teacher, make_loss_fn).
 
   Raises:
     NonFiniteLossError: a non-finite loss with train.skip_nonfinite off.
@@ -286,17 +431,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pidx, pcount = jax.process_index(), jax.process_count()
   train_iter = iter(task.train_dataset(pidx, pcount))
   ckpts = Checkpoints(workdir, keep=cfg_t.keep_checkpoints)
-  start = ckpts.latest_step()
-  state = run.init() if start is None else ckpts.restore(start, run.abstract, run.shardings,
-                                                            train_iter)
-  step = int(state.step)
+  state, origin = initial_state(config, run, ckpts, train_iter)
+  step = first_step = int(state.step)
+  teacher = () if run.teacher is None else (run.teacher,)
 
   if pidx == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json_best_effort(indent=2))
   writer = Writer(workdir, total_steps=cfg_t.steps, initial_step=step)
-  if start is not None:
-    writer.message(f'Resumed from the checkpoint at step {start} in {ckpts.directory}.')
+  if origin:
+    writer.message(origin)
 
   def evaluate() -> dict[str, float]:
     """The eval metrics of every evaluation (eval/..., eval/<variant>/...) on the same batches."""
@@ -320,12 +464,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     while step < cfg_t.steps:
       batch = sharding.global_batch(next(train_iter), batch_sharding)
       tokens_per_step = batch['inputs'].size
-      state, metrics, scalars = train_step(state, batch)
+      state, metrics, scalars = train_step(state, batch, *teacher)
       step += 1
       pending.append((step, metrics, scalars))
       writer.progress(step, last)
 
-      is_first = step == (start or 0) + 1
+      is_first = step == first_step + 1
       boundary = (step % cfg_t.log_every == 0 or step % cfg_t.eval_every == 0
                   or step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps)
       if not (is_first or boundary or interrupt.signum):
