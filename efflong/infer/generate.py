@@ -105,6 +105,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(saved)
 
 
+def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
+  """The model config describes, with the evaluation's attention settings, as shapes only."""
+  attention_kw = trainer.eval_attention_kws(config)['eval']
+  return nnx.eval_shape(lambda: models.build(config, attention_kw=attention_kw,
+                                             rngs=nnx.Rngs(config.seed)))
+
+
 def load_model(workdir: str,
                config: ml_collections.ConfigDict | None = None) -> tuple[nnx.Module, int]:
   """(the model of the run in workdir with its latest checkpoint's parameters, that step).
@@ -121,10 +128,7 @@ def load_model(workdir: str,
   if step is None:
     raise errors.Error(f'no checkpoint in {directory!r}: train the run first (./launch.sh '
                        f'--workdir={workdir}).')
-  attention_kw = trainer.eval_attention_kws(config)['eval']
-  abstract = nnx.eval_shape(lambda: models.build(config, attention_kw=attention_kw,
-                                                 rngs=nnx.Rngs(config.seed)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(abstract_model(config), nnx.Param, ...)
   item = {'params': params, 'model_state': rest}
   restored = ocp.PyTreeCheckpointer().restore(
       os.path.join(directory, str(step), 'state'),
