@@ -13,6 +13,8 @@ Cached decoding (kinds 'lm' and 'encoder_decoder', a family in attention.names(d
   cache = model.init_cache(batch_size, max_len)
   logits [B, T, V], cache = model.prefill(batch, cache)      # the prompt, right-padded
   logits [B, V], cache = model.decode_step(tokens [B], cache)  # one position per row
+Both run through `model(batch, cache=cache)` -> (logits, cache): a quantized model (qwix
+intercepts one method of an NNX model, `__call__`) then decodes quantized as well.
 The cache is {'length': [B] int32, 'max_len': [B] int32, 'layers': [each layer's cache]}; every
 leaf has the batch on axis 0 (rows can be reordered or repeated, e.g. for beam search). One
 sequence per row: segment ids mark real (1) and padding (0) positions, positions are absolute from
@@ -103,10 +105,13 @@ def _decode_stack(embedder: Embedder, stack: Stack, tokens: jax.Array,
                            global_tokens=global_tokens)
   real = tokens.shape[1] if segment_ids is None else (segment_ids != 0).sum(1, dtype=jnp.int32)
   longest, max_len = (length + real).max(), cache['max_len'].max()
-  # The host check runs only when a row overflows: no host round-trip per decoded token.
-  jax.lax.cond(longest > max_len, lambda: errors.check(lambda n, m: (
+  # The host check runs only when a row overflows: no host round-trip per decoded token. The
+  # values are the branches' operands, so that they are traced there even when the call is not
+  # jitted (closed over concrete values, errors.check would raise while cond traces the branch).
+  overflow = lambda n, m: errors.check(lambda n, m: (
       f'decoding past the cache: a row reached {n} positions, the cache holds max_len={m} '
-      '(init_cache); its later positions were not cached.'), longest, max_len), lambda: None)
+      '(init_cache); its later positions were not cached.'), n, m)
+  jax.lax.cond(longest > max_len, overflow, lambda n, m: None, longest, max_len)
   return embedder.decode(x), {**cache, 'length': length + real, 'layers': layers}
 
 
@@ -128,14 +133,21 @@ class LanguageModel(nnx.Module):
     self.stack = Stack(cfg, causal=causal, max_len=max_len, attention_kw=attention_kw, dtype=dtype,
                        rngs=rngs)
 
-  def __call__(self, batch: Batch, *, key: jax.Array | None = None,
-               memory: Memory | None = None) -> jax.Array | tuple[jax.Array, Memory]:
-    """[B, T, V] logits; with a memory (Transformer-XL), (logits, the next segment's memory).
+  def __call__(self, batch: Batch, *, key: jax.Array | None = None, memory: Memory | None = None,
+               cache: Cache | None = None) -> jax.Array | tuple[jax.Array, Memory | Cache]:
+    """[B, T, V] logits; with a memory (Transformer-XL), (logits, the next segment's memory);
+    with a cache, cached decoding (prefill's arguments and result; no key, no memory).
 
     The memory holds each layer's input at the M positions before this segment (`init_memory`
     makes an empty one); rows whose batch['reset'] is True start afresh (their memory is emptied).
     The next memory is the last M positions of [memory; this segment], without gradient.
     """
+    if cache is not None:
+      if key is not None or memory is not None:
+        raise errors.Error('cached decoding takes no dropout key and no segment memory (the '
+                           "family's cache holds its memory).")
+      return _decode_stack(self.embedder, self.stack, batch['inputs'], batch.get('segment_ids'),
+                           cache, batch.get('global_tokens'))
     keys = [None, None] if key is None else list(jax.random.split(key))
     x = self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0])
     if memory is None:
@@ -179,12 +191,11 @@ class LanguageModel(nnx.Module):
     Returns:
       logits [B, T, V] float32 (meaningless at padding) and the cache.
     """
-    return _decode_stack(self.embedder, self.stack, batch['inputs'], batch.get('segment_ids'),
-                         cache, batch.get('global_tokens'))
+    return self(batch, cache=cache)
 
   def decode_step(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
     """One new token per row: tokens [B] int32 -> (logits [B, V] float32, cache)."""
-    logits, cache = _decode_stack(self.embedder, self.stack, tokens[:, None], None, cache)
+    logits, cache = self({'inputs': tokens[:, None]}, cache=cache)
     return logits[:, 0], cache
 
 
@@ -208,7 +219,22 @@ class EncoderDecoder(nnx.Module):
                          attention_kw=attention_kw, dtype=dtype,
                          rngs=rngs)
 
-  def __call__(self, batch: Batch, *, key: jax.Array | None = None) -> jax.Array:
+  def __call__(self, batch: Batch, *, key: jax.Array | None = None,
+               cache: Cache | None = None) -> jax.Array | tuple[jax.Array, Cache]:
+    """[B, T_dec, V] logits; with a cache, cached decoding -> (logits, cache): a batch with the
+    source 'inputs' is prefill's (the source encoded and cached), one without continues the
+    decoder_inputs (decode_step's). No key with a cache."""
+    if cache is not None:
+      if key is not None:
+        raise errors.Error('cached decoding takes no dropout key.')
+      if 'inputs' in batch:
+        enc = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), None),
+                           segment_ids=batch.get('segment_ids'), key=None,
+                           global_tokens=batch.get('global_tokens'))
+        cache = {**cache, 'layers': self.decoder.context_cache(cache['layers'], enc,
+                                                               batch.get('segment_ids'))}
+      return _decode_stack(self.embedder, self.decoder, batch['decoder_inputs'],
+                           batch.get('decoder_segment_ids'), cache)
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
     enc_seg = batch.get('segment_ids')
     enc = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), keys[0]),
@@ -239,16 +265,10 @@ class EncoderDecoder(nnx.Module):
       logits [B, T, V] float32 and the cache, with each layer's cross-attention keys and values
       of the encoder output ('cross': k, v [B, S, K, H], segment_ids [B, S]).
     """
-    enc = self.encoder(self.embedder.encode(batch['inputs'], batch.get('positions'), None),
-                       segment_ids=batch.get('segment_ids'), key=None,
-                       global_tokens=batch.get('global_tokens'))
-    cache = {**cache, 'layers': self.decoder.context_cache(cache['layers'], enc,
-                                                           batch.get('segment_ids'))}
-    return _decode_stack(self.embedder, self.decoder, batch['decoder_inputs'],
-                         batch.get('decoder_segment_ids'), cache)
+    return self(batch, cache=cache)
 
   def decode_step(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
     """One new target token per row: tokens [B] int32 -> (logits [B, V] float32, cache)."""
-    logits, cache = _decode_stack(self.embedder, self.decoder, tokens[:, None], None, cache)
+    logits, cache = self({'decoder_inputs': tokens[:, None]}, cache=cache)
     return logits[:, 0], cache
 
