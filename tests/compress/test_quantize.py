@@ -42,10 +42,10 @@ def int8(model, config):
 
 
 def _get(state, path: str):
-  """The leaf of an nnx state at a '/'-joined path (its .value)."""
+  """The array of an nnx state at a '/'-joined path."""
   for key in path.split('/'):
     state = state[int(key) if key.isdigit() else key]
-  return state.value
+  return state[...]
 
 
 def _dtypes(model) -> dict[str, str]:
