@@ -6,6 +6,7 @@
 #   ./launch.sh sweep --config=configs/<task>.py:<arg> [--parallel N] [--workdir DIR]
 #   ./launch.sh bench <script> [args]    a benchmark under experiments/bench/
 #   ./launch.sh generate --workdir=<run> --prompt='...' [flags]   continue a prompt (efflong.infer.generate)
+#   ./launch.sh compress --workdir=<run> --out=<dir> --method=M [flags]   (efflong.compress.cli)
 #   ./launch.sh multi N [flags]          N training processes on this host (jax.distributed)
 # On SLURM, `srun ./launch.sh [flags]` runs one process per task; each joins jax.distributed.
 set -euo pipefail
@@ -46,6 +47,10 @@ case "${1:-train}" in
   generate)
     shift
     exec "$PY" -m efflong.infer.generate "$@"
+    ;;
+  compress)
+    shift
+    exec "$PY" -m efflong.compress.cli "$@"
     ;;
   multi)
     shift

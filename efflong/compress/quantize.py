@@ -4,7 +4,6 @@
   model = ptq(float_model, 'mixed', sample_batch, rules=[('embedder/(embed|head)', 'bf16'),
                                                          ('.*', 'int8')])
   rows = sensitivity(float_model, 'int4', eval_fn, sample_batch)   # [(layer path, loss change)]
-  save(model, directory); model = load(config, 'int8', None, directory)
 
 Methods (METHODS):
   bf16   every parameter stored in bfloat16, computed in the model's dtype (a cast: no qwix).
@@ -25,12 +24,14 @@ an attention family's own parameters stay float32 except under bf16.
 
 qwix quantizes one method of an NNX model, `__call__`; the models decode through it (prefill and
 decode_step call `model(batch, cache=cache)`), so efflong.infer.decode.generate runs quantized.
+A quantized model is saved like any other (efflong.compress.cli.save: its params hold the qvalue
+and scale arrays) and loaded by efflong.infer.generate.load_model, which rebuilds it quantized
+from the run's config (its `compress` section names the method and rules).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any, Callable, Sequence
 
@@ -38,12 +39,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import qwix
 from flax import nnx
 
 from efflong import errors, models
-from efflong.train import trainer
 
 METHODS = ('bf16', 'int8', 'w8a8', 'int4', 'mixed')
 PRECISIONS = ('fp32', 'bf16', *models.QUANTIZED)
@@ -215,35 +214,6 @@ def sample_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict
   if kind == 'encoder_decoder':
     return {'inputs': zeros, 'decoder_inputs': zeros}
   return {'inputs': zeros}
-
-
-def save(model: nnx.Module, directory: str) -> None:
-  """Writes model's state to directory (orbax, a new directory) as a training checkpoint's state
-  holds it: {'params': the nnx.Params (quantized kernels as their qvalue and scale arrays),
-  'model_state': the rest}."""
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    raise errors.Error(f'{directory!r} exists; save writes a new directory.')
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory, {'params': params, 'model_state': rest})
-
-
-def load(config: ml_collections.ConfigDict, method: str, rules: Rules | None,
-         directory: str) -> nnx.Module:
-  """The model config describes (with its evaluation attention settings, as
-  efflong.infer.generate.load_model builds it), quantized by method and rules, with the state
-  that `save` wrote to directory (or a checkpoint's <step>/state of the same model)."""
-  _check_method(method, rules)
-  attention_kw = trainer.eval_attention_kws(config)['eval']
-  abstract = nnx.eval_shape(lambda: ptq(
-      models.build(config, attention_kw=attention_kw, rngs=nnx.Rngs(config.seed)), method,
-      sample_batch(config), rules=rules))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(os.path.abspath(directory),
-                                    {'params': params, 'model_state': rest})
-  return nnx.merge(graphdef, restored['params'], restored['model_state'])
 
 
 def qat_model(model: nnx.Module, method: str) -> nnx.Module:

@@ -24,12 +24,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 
 from efflong import attention, errors, models, tasks
 from efflong import config as config_lib
+from efflong.compress import quantize
 from efflong.infer import decode
 from efflong.train import trainer
 
@@ -106,10 +106,18 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
-  """The model config describes, with the evaluation's attention settings, as shapes only."""
+  """The model config describes, with the evaluation's attention settings, as shapes only;
+  quantized as its `compress` section says (a run the compress command wrote)."""
   attention_kw = trainer.eval_attention_kws(config)['eval']
-  return nnx.eval_shape(lambda: models.build(config, attention_kw=attention_kw,
-                                             rngs=nnx.Rngs(config.seed)))
+  method = config.get('compress', {}).get('method')
+
+  def build() -> nnx.Module:
+    model = models.build(config, attention_kw=attention_kw, rngs=nnx.Rngs(config.seed))
+    if method not in quantize.METHODS:
+      return model
+    return quantize.ptq(model, method, quantize.sample_batch(config), rules=config.compress.rules)
+
+  return nnx.eval_shape(build)
 
 
 def load_model(workdir: str,
@@ -120,20 +128,9 @@ def load_model(workdir: str,
   model's non-trainable state are read from the checkpoint (not the optimizer state).
   """
   config = load_config(workdir) if config is None else config
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  step = None
-  if os.path.isdir(directory):
-    step = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(create=False)).latest_step()
-  if step is None:
-    raise errors.Error(f'no checkpoint in {directory!r}: train the run first (./launch.sh '
-                       f'--workdir={workdir}).')
   graphdef, params, rest = nnx.split(abstract_model(config), nnx.Param, ...)
-  item = {'params': params, 'model_state': rest}
-  restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(directory, str(step), 'state'),
-      args=ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+  restored, step = trainer.restore_variables(workdir, {'params': params, 'model_state': rest},
+                                             key='--workdir')
   return nnx.merge(graphdef, restored['params'], restored['model_state']), step
 
 

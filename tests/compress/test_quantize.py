@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from efflong import errors, models
-from efflong.compress import quantize
-from efflong.infer import decode
+from efflong.compress import cli, quantize
+from efflong.infer import decode, generate
 from tests.train import load_config_module
 
 T, V = 16, 32
@@ -146,17 +146,21 @@ def test_bad_input_is_one_line(model, config):
 
 
 def test_save_load_round_trip_is_bit_exact(model, config, tmp_path):
+  """The compress command's save, then generate.load_model, which rebuilds the quantized model
+  from the config's compress section."""
   rules = [('stack/layers/0/ff/wi', 'int4'), ('embedder/embed', 'bf16'), ('.*', 'int8')]
   q = quantize.ptq(model, 'mixed', quantize.sample_batch(config), rules=rules)
-  quantize.save(q, str(tmp_path / 'q'))
-  loaded = quantize.load(config, 'mixed', rules, str(tmp_path / 'q'))
+  config = config.copy_and_resolve_references()
+  config.compress = {'method': 'mixed', 'rules': rules}
+  cli.save(q, config, str(tmp_path / 'q'), 1, {})
+  loaded, _ = generate.load_model(str(tmp_path / 'q'))
   saved, back = nnx.state(q), nnx.state(loaded)
   assert jax.tree.structure(saved) == jax.tree.structure(back)
   for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(back)):
     assert a.dtype == b.dtype and bool((a == b).all())
   assert {a.dtype.name for a in jax.tree.leaves(back)} == {'float32', 'bfloat16', 'int8', 'int4'}
-  with pytest.raises(errors.Error, match='exists'):
-    quantize.save(q, str(tmp_path / 'q'))
+  with pytest.raises(errors.Error, match='already holds checkpoints'):
+    cli.save(q, config, str(tmp_path / 'q'), 1, {})
 
 
 def test_decoding_runs_quantized(model, int8, tokens):
