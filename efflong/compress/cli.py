@@ -108,6 +108,10 @@ def compress(workdir: str, out: str, method: str, **options: Any) -> dict[str, A
   if method not in METHODS:
     raise errors.Error(f'unknown --method={method!r}; valid: {", ".join(METHODS)}.')
   config = generate.load_config(workdir)
+  done = config.get('compress', {}).get('method')
+  if done in quantize.METHODS:
+    raise errors.Error(f'--workdir={workdir!r} is already quantized (compress.method={done!r}); '
+                       f'give a float run, such as its source {config.compress.source!r}.')
   if options.get('eval_steps'):
     config.eval.steps = options['eval_steps']
   model, step = generate.load_model(workdir, config)

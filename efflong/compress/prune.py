@@ -2,7 +2,7 @@
 schedule, an L1 penalty, structured pruning of attention heads and feed-forward neurons that
 shrinks the matrices, and a sparsity report.
 
-Only kernels are pruned (`optim.is_kernel`, by logical axis names): the q, k, v, o projections,
+Only kernels are pruned (`efflong.params.is_kernel`, by logical axis names): the q, k, v, o projections,
 the feed-forward, the output head. Token embeddings, position tables, norms and biases never are.
 
 A mask tree has the structure of the parameters (their nnx Variables kept, so that a mask carries
@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from efflong import errors, models
-from efflong.train import optim
+from efflong import params as params_lib
 
 METHODS = ('none', 'magnitude', 'nm')
 SCOPES = ('global', 'layer')
@@ -66,7 +66,7 @@ def _check_fraction(name: str, value: Any) -> None:
 
 def _map_masks(fn, params: Tree) -> Tree:
   """The mask tree of params: fn(path, Variable) -> bool array at each kernel, True elsewhere."""
-  kernels = jax.tree.leaves(optim.decay_mask(params))
+  kernels = jax.tree.leaves(params_lib.kernel_mask(params))
   flags = iter(kernels)
 
   def one(path, var):
@@ -109,15 +109,15 @@ def magnitude_masks(params: Tree, sparsity: Any, *, scope: str = 'global') -> Tr
   if scope == 'layer':
     return _map_masks(lambda _, var: _keep_largest([var[...]], sparsity)[0], params)
   kernels = [v[...] for v, k in zip(jax.tree.leaves(params, is_leaf=_is_var),
-                                    jax.tree.leaves(optim.decay_mask(params))) if k]
+                                    jax.tree.leaves(params_lib.kernel_mask(params))) if k]
   kept = iter(_keep_largest(kernels, sparsity))
   return _map_masks(lambda *_: next(kept), params)
 
 
 def _as_matrix(path, var: nnx.Variable, m: int) -> tuple[jax.Array, int]:
-  """A kernel as [inputs, outputs] (its leading input axes flattened, optim.kernel_inputs), with
+  """A kernel as [inputs, outputs] (its leading input axes flattened, params_lib.kernel_inputs), with
   its input size, checked divisible by m."""
-  ins = optim.kernel_inputs(_names(var))
+  ins = params_lib.kernel_inputs(_names(var))
   size = math.prod(var.shape[:ins])
   if size % m:
     raise errors.Error(f'N:M pruning: kernel {_dotted(path)} {var.shape} has {size} input '
@@ -135,7 +135,7 @@ def nm_masks(params: Tree, n: int = 2, m: int = 4) -> Tree:
   n with the largest |w| are kept (NVIDIA's 2:4 sparsity along the reduction axis).
 
   The input (contracted) axes are a kernel's leading axes ('embed', 'mlp' or 'heads', 'head_dim';
-  optim.kernel_inputs), flattened: a kernel [I..., O...] is grouped as [prod(I) / m, m, prod(O)].
+  params_lib.kernel_inputs), flattened: a kernel [I..., O...] is grouped as [prod(I) / m, m, prod(O)].
   Ties are broken by position, so every group keeps exactly n.
 
   Raises:
@@ -218,6 +218,14 @@ def apply_masks(params: Tree, masks: Tree) -> Tree:
   return jax.tree.map(lambda p, m: jnp.where(m, p, 0).astype(p.dtype), params, masks)
 
 
+def held_masks_applied(params: Tree, opt_state: Any) -> Tree:
+  """params with the masks that opt_state holds (a PruneState in it: `transform`) applied, so a
+  run that prunes at its start steps from the pruned weights; params as they are without one."""
+  held = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, PruneState))
+          if isinstance(s, PruneState)]
+  return apply_masks(params, held[0].masks) if held else params
+
+
 def transform(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Pruning masks held in the optimizer state; chain it last (optim.make does).
 
@@ -279,7 +287,7 @@ def l1_penalty(l1: float) -> optax.GradientTransformation:
     raise errors.Error(f'train.l1={l1!r} must be a number >= 0 (0: no L1 penalty).')
   add = optax.stateless(lambda updates, params: jax.tree.map(
       lambda g, p: g + l1 * jnp.sign(p).astype(g.dtype), updates, params))
-  return optax.masked(add, optim.decay_mask)
+  return optax.masked(add, params_lib.kernel_mask)
 
 
 def _pruned_slices(config: ml_collections.ConfigDict, params: Tree, heads: float,
@@ -306,7 +314,10 @@ def _pruned_slices(config: ml_collections.ConfigDict, params: Tree, heads: float
            ('ff', ff, 'model.d_ff', model.d_ff, 'mlp', ('wi', 'wo')))
   slices = {}
   for arg, fraction, size_name, total, axis_name, children in kinds:
-    drop = round(fraction * total)
+    drop = math.floor(fraction * total + 0.5)  # half up: 0.25 of 2 heads drops 1
+    if fraction and not drop:
+      raise errors.Error(f'structured pruning {arg}={fraction} drops none of {size_name}={total}; '
+                         f'valid: 0, or a fraction of at least {0.5 / total:.3g}.')
     if drop >= total:
       raise errors.Error(f'structured pruning {arg}={fraction} drops all {size_name}={total}; '
                          f'valid: a fraction below {(total - 0.5) / total:.3g}.')
@@ -406,7 +417,7 @@ def sparsity_report(params: Tree, *, n: int = 2, m: int = 4) -> dict[str, Any]:
   """
   _check_nm(n, m)
   leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_var)
-  flags = jax.tree.leaves(optim.decay_mask(params))
+  flags = jax.tree.leaves(params_lib.kernel_mask(params))
   report = {'kernels': {}, 'dense_bytes': 0, 'bitmask_bytes': 0, 'nm_bytes': 0}
   zeros = weights = 0
   for (path, var), kernel in zip(leaves, flags):
@@ -422,7 +433,7 @@ def sparsity_report(params: Tree, *, n: int = 2, m: int = 4) -> dict[str, Any]:
     report['kernels'][_dotted(path)] = 1 - nonzero / var.size
     zeros, weights = zeros + var.size - nonzero, weights + var.size
     report['bitmask_bytes'] += nonzero * var.dtype.itemsize + math.ceil(var.size / 8)
-    ins = math.prod(var.shape[:optim.kernel_inputs(_names(var))])
+    ins = math.prod(var.shape[:params_lib.kernel_inputs(_names(var))])
     fits = ins % m == 0 and np.count_nonzero(
         value.reshape(ins // m, m, -1), axis=1).max(initial=0) <= n
     if report['nm_bytes'] is not None:

@@ -149,7 +149,7 @@ def ptq(model: nnx.Module, method: str, sample_batch: Batch, *,
   # jnp.asarray: a checkpoint restored without shardings holds numpy arrays, which qwix refuses.
   values = jax.tree.map(jnp.asarray, nnx.to_pure_dict(nnx.state(model)))
   nnx.update(out, qwix.quantize_params(values, out))
-  modules = {'/'.join(map(str, path)): m for path, m in nnx.iter_modules(out)}
+  modules = models.layers(out, (nnx.Module,))
   for path, precision in precisions.items():
     if precision == 'bf16':
       _cast(modules[path], jnp.bfloat16)
@@ -203,11 +203,11 @@ def sensitivity(model: nnx.Module, method: str, eval_fn: Callable[[nnx.Module], 
   return sorted(rows, key=lambda row: -row[1])
 
 
-def sample_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
-  """A zero batch of config's model kind (what ptq traces the model on): [batch_size, seq_len]
-  int32 inputs ('inputs1', 'inputs2' for a dual encoder; 'decoder_inputs' too for an
+def sample_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """A zero batch of config's model kind (what ptq traces the model on): [1, seq_len] int32
+  inputs ('inputs1', 'inputs2' for a dual encoder; 'decoder_inputs' too for an
   encoder-decoder)."""
-  zeros = np.zeros((batch_size, config.task.seq_len), np.int32)
+  zeros = np.zeros((1, config.task.seq_len), np.int32)
   kind = config.model.kind
   if kind == 'dual_encoder':
     return {'inputs1': zeros, 'inputs2': zeros}
@@ -216,7 +216,3 @@ def sample_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict
   return {'inputs': zeros}
 
 
-def qat_model(model: nnx.Module, method: str) -> nnx.Module:
-  """model with fake quantization for training (qwix.QtProvider, straight-through gradients):
-  what models.build returns for config.qat.method = method (int8, w8a8, int4)."""
-  return models.quantization_aware(model, method)

@@ -40,7 +40,8 @@ MATMULS = (nnx.Linear, nnx.Einsum)  # layers whose kernel is a matmul operand
 QAT_METHODS = ('none', *QUANTIZED)
 
 
-def _modules(model: nnx.Module, types: tuple[type, ...]) -> dict[str, nnx.Module]:
+def layers(model: nnx.Module, types: tuple[type, ...] = MATMULS) -> dict[str, nnx.Module]:
+  """{path: module} of model's modules of these types, paths '/'-joined as qwix matches them."""
   return {'/'.join(map(str, path)): module for path, module in nnx.iter_modules(model)
           if isinstance(module, types)}
 
@@ -48,7 +49,7 @@ def _modules(model: nnx.Module, types: tuple[type, ...]) -> dict[str, nnx.Module
 def layer_paths(model: nnx.Module, types: tuple[type, ...] = MATMULS) -> list[str]:
   """The paths of model's layers of these types, '/'-joined as qwix matches them
   (e.g. 'stack/layers/0/ff/wi'), in model order."""
-  return list(_modules(model, types))
+  return list(layers(model, types))
 
 
 def _last_contraction(layer: nnx.Module) -> int:
@@ -72,10 +73,10 @@ def quantization_rules(model: nnx.Module, precisions: dict[str, str],
   activation products (q k^T, p v) run in the attention module itself, whose path no rule names,
   so they stay float whatever the precision (w8a8 included).
   """
-  layers = _modules(model, MATMULS)
+  found = layers(model, MATMULS)
   rules = []
   for path, precision in precisions.items():
-    size = _last_contraction(layers[path])
+    size = _last_contraction(found[path])
     tiled = precision == 'int4' and size > INT4_TILE and size % INT4_TILE == 0
     rules.append(rule(module_path=re.escape(path), tile_size=INT4_TILE if tiled else None,
                       **QUANTIZED[precision]))
@@ -118,8 +119,6 @@ def build(config: ml_collections.ConfigDict, *, attention_kw: dict | None = None
     raise errors.Error(f'model.dropout_rate={config.model.dropout_rate} must be in [0, 1).')
   if attention_kw is None:
     attention_kw = config.model.attention_kw.to_dict()
-  if config.qat.method not in QAT_METHODS:
-    raise errors.Error(f'unknown qat.method {config.qat.method!r}; valid: {list(QAT_METHODS)}.')
   model = KINDS[kind](config.model, vocab_size=config.task.vocab_size,
                       max_len=config.task.seq_len, num_classes=config.task.get('num_classes', 0),
                       max_segments=config.task.get('max_segments', 1), attention_kw=attention_kw,
@@ -127,4 +126,4 @@ def build(config: ml_collections.ConfigDict, *, attention_kw: dict | None = None
   return model if config.qat.method == 'none' else quantization_aware(model, config.qat.method)
 
 __all__ = ['INT4_TILE', 'KINDS', 'MATMULS', 'QAT_METHODS', 'QUANTIZED', 'build', 'init_memory',
-           'layer_paths', 'quantization_aware', 'quantization_rules']
+           'layer_paths', 'layers', 'quantization_aware', 'quantization_rules']

@@ -25,7 +25,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from efflong import attention, errors, models, tasks
-from efflong.compress import distill
+from efflong.compress import distill, prune
 from efflong.train import optim, sharding
 from efflong.train.checkpoint import Checkpoints
 from efflong.train.metrics import Accumulator, Writer
@@ -356,9 +356,12 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   abstract = abstract.replace(memory=abs_memory)
 
   def start(params: nnx.State, model_state: nnx.State) -> TrainState:
-    # The optimizer state is made from these parameters (a pruning mask is computed from them).
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=tx.init(params), memory=train_memory())
+    # The optimizer state is made from these parameters (a pruning mask is computed from them),
+    # and the first step starts from the weights that mask keeps.
+    opt_state = tx.init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32),
+                      params=prune.held_masks_applied(params, opt_state),
+                      model_state=model_state, opt_state=opt_state, memory=train_memory())
 
   init = jax.jit(lambda: start(*_split(build())[1:]), out_shardings=shardings)
   init_from = jax.jit(start, in_shardings=(shardings.params, shardings.model_state),

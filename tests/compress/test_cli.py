@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from efflong import errors, models
+from efflong import params as params_lib
 from efflong.compress import cli
 from efflong.infer import generate
-from efflong.train import optim
 from tests.train import load_config_module
 
 
@@ -26,7 +26,7 @@ def source(tmp_path_factory):
 
 def _kernels(model):
   params = nnx.state(model, nnx.Param)
-  is_kernel = jax.tree.leaves(optim.decay_mask(params))
+  is_kernel = jax.tree.leaves(params_lib.kernel_mask(params))
   return [np.asarray(leaf) for leaf, k in zip(jax.tree.leaves(params), is_kernel) if k]
 
 

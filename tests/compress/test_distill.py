@@ -118,7 +118,7 @@ def same_student(teacher: str, steps: int = 1):
 
 def test_init_from_starts_with_the_teachers_params_and_zero_gradient(teacher, tmp_path):
   """init_from restores the other run's exact parameters at step 0; the whole distillation loss
-  at alpha = 1 then has zero gradient, and KD loss 0."""
+  at alpha = 1 then has zero gradient, and KD loss 0 (and another student's is not)."""
   config = same_student(teacher)
   run = trainer.setup(config)
   data = iter(run.task.train_dataset(0, 1))
@@ -136,6 +136,12 @@ def test_init_from_starts_with_the_teachers_params_and_zero_gradient(teacher, tm
   kd_sum, count = jax.device_get(metrics['kd_loss'])
   assert count == batch['inputs'].size and abs(kd_sum / count) < 1e-6  # float32 rounding
   assert float(scalars['grad_norm']) < 1e-6, float(scalars['grad_norm'])
+  # A student that is not its teacher (its weights doubled) is taught something: KD loss > 0.
+  other = run.init()
+  other = other.replace(params=jax.tree.map(lambda p: 2 * p, other.params))
+  _, metrics, _ = run.train_step(other, batch, run.teacher)
+  kd_sum, count = jax.device_get(metrics['kd_loss'])
+  assert kd_sum / count > 0.1
 
 
 def test_distillation_run(teacher, tmp_path):

@@ -10,8 +10,10 @@ from flax import nnx
 
 from efflong import config as config_lib
 from efflong import errors, models
-from efflong.compress import prune
-from efflong.train import optim
+from efflong import params as params_lib
+from efflong.compress import cli, prune
+from efflong.infer import generate
+from efflong.train import optim, trainer
 from tests.train import load_config_module
 
 
@@ -241,3 +243,27 @@ def test_sparsity_report_counts_zeros_and_sparse_bytes(tree):
   assert report['bitmask_bytes'] == dense - kernel * 4 + kernel // 2 * 4 + kernel // 8
   assert report['nm_bytes'] == dense - kernel * 4 + kernel // 2 * 4 + kernel // 2 * 2 // 8
   assert prune.sparsity_report(tree)['nm_bytes'] is None  # dense kernels are not 2:4
+
+
+def test_retraining_from_a_run_holds_its_magnitude_mask(tmp_path):
+  """A training run from another run's checkpoint (train.init_from) with one-shot magnitude
+  pruning at 50%, through the trainer: after 2 steps the kernels are zero exactly where
+  magnitude_masks of the source's parameters puts the mask (the mask computed from the loaded
+  weights, applied before the first step and held through the updates)."""
+  config = load_config_module('bytes_lm').get_config('smoke,seq_len=16,layers=1')
+  source = models.build(config, rngs=nnx.Rngs(0))
+  cli.save(source, config, str(tmp_path / 'source'), 1, {})
+  with config.unlocked():
+    config.train.update(steps=2, init_from=str(tmp_path / 'source'), eval_every=100,
+                        checkpoint_every=100)
+    config.prune.update(method='magnitude', sparsity=0.5)
+  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  retrained, step = generate.load_model(str(tmp_path / 'run'))
+  source_params = nnx.state(source, nnx.Param)
+  expected = jax.tree.leaves(prune.magnitude_masks(source_params, 0.5))
+  kernels = jax.tree.leaves(params_lib.kernel_mask(source_params))
+  got = jax.tree.leaves(nnx.state(retrained, nnx.Param))
+  assert step == 2 and sum(kernels) > 2
+  for mask, value, kernel in zip(expected, got, kernels):
+    if kernel:
+      np.testing.assert_array_equal(np.asarray(value) != 0, np.asarray(mask))

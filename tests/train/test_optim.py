@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from efflong import errors, models
+from efflong import params as params_lib
 from efflong.train import optim
 from tests.train import load_config_module
 
@@ -47,7 +48,7 @@ CASES = {
 def test_weight_decay_reaches_exactly_the_kernels(name):
   (task, arg, model), want = CASES[name]
   params = _params(task, arg, **model)
-  mask = optim.decay_mask(params)
+  mask = params_lib.kernel_mask(params)
   assert sorted(_path(p) for p, m in jax.tree_util.tree_leaves_with_path(mask) if m) == sorted(want)
 
   # The optimizer itself: with zero gradients, only decayed parameters move (step 0 has lr 0).
@@ -67,4 +68,4 @@ def test_weight_decay_reaches_exactly_the_kernels(name):
 def test_a_parameter_without_logical_names_is_refused():
   params = {'w': nnx.Param(jnp.ones((2, 2)))}
   with pytest.raises(errors.Error, match=r"parameter \['w'\] has no logical axis names"):
-    optim.decay_mask(params)
+    params_lib.kernel_mask(params)
