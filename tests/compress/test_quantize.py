@@ -105,6 +105,32 @@ def test_int8_is_the_float_model_on_rounded_kernels(model, int8, tokens):
   assert quantize.param_bytes(int8) < quantize.param_bytes(model) / 2
 
 
+def test_int8_model_within_the_first_order_bound(model, int8, tokens):
+  """The whole int8 model's logits move by at most the first-order bound of its kernels' rounding.
+
+  Each kernel entry moves by at most s / 2 (the test above), so to first order a logit moves by
+  at most b = sum_w |d logit / d w| s_w / 2 (the triangle inequality over the Jacobian, taken at
+  the float kernels). The remainder is second order in the steps (s / 2 is 1/255 of a channel's
+  largest weight): 10% slack covers it, and 1e-5 the float32 rounding of the two forwards.
+  """
+  paths = models.layer_paths(model)
+  graphdef, state = nnx.split(model)
+  name = lambda path: '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path[:-1])
+
+  def logits(kernels):
+    swap = lambda path, x: kernels.get(name(path).removesuffix('/kernel'), x)
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(swap, state))(
+        {'inputs': tokens[:1]})
+
+  kernels = {p: _get(state, f'{p}/kernel') for p in paths}
+  jacobian = jax.jit(jax.jacrev(logits))(kernels)             # {path: [1, T, V, *kernel]}
+  bound = sum((jnp.abs(jacobian[p]) * _get(nnx.state(int8), f'{p}/kernel/array/scale') / 2
+               ).reshape(1, T, V, -1).sum(-1) for p in paths)
+  delta = jnp.abs(int8({'inputs': tokens[:1]}) - logits(kernels))
+  assert bool((delta <= 1.1 * bound + 1e-5).all()), float((delta / bound).max())
+  assert float((delta / bound).max()) > 0.01  # the bound is not vacuous
+
+
 def test_mixed_rules_put_the_named_layers_in_the_named_precisions(model, config, tokens):
   rules = [('stack/layers/0/ff/wi', 'int4'), ('stack/layers/0/self_attn/(q|k)', 'w8a8'),
            'embedder/embed=bf16', ('embedder/head', 'fp32'), ('stack/.*/wo', 'int8')]
