@@ -2,7 +2,7 @@
 
 Knows no attention family: it drives the model API of the decoding interface,
 
-  model.init_cache(batch_size, max_len) -> cache      # a pytree, every leaf [B, ...]
+  model.init_cache(batch_size, max_len, kv_dtype=...) -> cache   # a pytree, every leaf [B, ...]
   model.prefill(batch, cache) -> (logits [B, T, V], cache)
   model.decode_step(tokens [B], cache) -> (logits [B, V], cache)
 
@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from efflong import errors
+from efflong.nn import kv_cache
 
 Cache = Any  # the model's cache pytree
 
@@ -122,6 +123,7 @@ class _Static:
   max_len: int
   stop_tokens: tuple[int, ...]
   beams: int
+  kv_dtype: str
 
 
 def _segment_ids(tokens: jax.Array, lengths: jax.Array) -> jax.Array:
@@ -133,7 +135,7 @@ def _prefill(model: nnx.Module, static: _Static, prompts: jax.Array, lengths: ja
              source: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, Cache]:
   """Prefills the prompts [B, T] (after an encoder-decoder's source [B, S] with its lengths):
   (each row's logits after its last prompt token [B, V], cache)."""
-  cache = model.init_cache(prompts.shape[0], static.max_len)
+  cache = model.init_cache(prompts.shape[0], static.max_len, kv_dtype=static.kv_dtype)
   if source is None:
     batch = {'inputs': prompts, 'segment_ids': _segment_ids(prompts, lengths)}
   else:
@@ -243,8 +245,8 @@ def _compiled(graphdef: nnx.GraphDef, static: _Static, treedef: Any,
 def generate(model: nnx.Module, prompts: Any, prompt_lengths: Any, *, max_new_tokens: int,
              max_len: int | None = None, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop_tokens: Sequence[int] = (), beams: int = 0,
-             length_penalty: float = 0.6, source: Any = None,
-             source_lengths: Any = None) -> Generated:
+             length_penalty: float = 0.6, source: Any = None, source_lengths: Any = None,
+             kv_dtype: str = 'float') -> Generated:
   """Continues each prompt by up to max_new_tokens tokens.
 
   Sampling (beams = 0): every row draws its next token with `sample_logits` (temperature 0:
@@ -269,14 +271,17 @@ def generate(model: nnx.Module, prompts: Any, prompt_lengths: Any, *, max_new_to
     source: an encoder-decoder's source [B, S] int tokens, right-padded (the prompts are then the
       decoder's, at least its start token); None for a language model.
     source_lengths: [B] int real tokens of each source row (None: all S).
+    kv_dtype: the self-attention caches' keys and values: 'float' or 'int8' (per-token scales,
+      efflong.nn.kv_cache; the model's family must cache keys and values).
   Returns:
     Generated.
   Raises:
-    errors.Error: a setting outside its range, a prompt length outside [1, T], or a prompt that
-      with max_new_tokens does not fit in max_len.
+    errors.Error: a setting outside its range, an unknown kv_dtype, a prompt length outside
+      [1, T], or a prompt that with max_new_tokens does not fit in max_len.
   """
   check_options(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 beams=beams, length_penalty=length_penalty)
+  kv_cache.check_dtype(kv_dtype)
   prompts, lengths = np.asarray(prompts, np.int32), np.asarray(prompt_lengths, np.int32)
   if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
     raise errors.Error(f'prompts must be [B, T] with prompt_lengths [B]; got shapes '
@@ -291,7 +296,7 @@ def generate(model: nnx.Module, prompts: Any, prompt_lengths: Any, *, max_new_to
   if longest + max_new_tokens > max_len:
     raise errors.Error(f'a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} '
                        f'exceeds max_len={max_len}; at most {max_len - longest} new tokens fit.')
-  static = _Static(max_new_tokens, max_len, tuple(int(t) for t in stop_tokens), beams)
+  static = _Static(max_new_tokens, max_len, tuple(int(t) for t in stop_tokens), beams, kv_dtype)
   graphdef, state = nnx.split(model)
   options = {'temperature': np.float32(temperature), 'top_k': np.int32(top_k),
              'top_p': np.float32(top_p), 'seed': np.int32(seed),

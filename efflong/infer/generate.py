@@ -31,6 +31,7 @@ from efflong import attention, errors, models, tasks
 from efflong import config as config_lib
 from efflong.compress import quantize
 from efflong.infer import decode
+from efflong.nn import kv_cache
 from efflong.train import trainer
 
 
@@ -52,6 +53,9 @@ def define_flags() -> dict[str, flags.FlagHolder]:
                                   'holding this much probability, in (0, 1]; 1: all.'),
       'beams': flags.DEFINE_integer('beams', 0, 'Beam search with this many beams; 0: sampling.'),
       'seed': flags.DEFINE_integer('seed', 0, 'Sampling seed.'),
+      'kv_dtype': flags.DEFINE_enum('kv_dtype', 'float', list(kv_cache.KV_DTYPES), 'The decoding '
+                                    "cache's keys and values: float, or int8 with per-token "
+                                    'scales (families that cache keys and values).'),
   }
 
 
@@ -135,11 +139,12 @@ def load_model(workdir: str,
 
 
 def generate_text(workdir: str, prompt: str, *, max_new_tokens: int | None = None,
-                  seed: int = 0, **options: Any) -> tuple[str, decode.Generated]:
+                  seed: int = 0, kv_dtype: str = 'float',
+                  **options: Any) -> tuple[str, decode.Generated]:
   """(the continuation of prompt as text or symbols, the decoding result) from the run in workdir.
 
-  max_new_tokens: None: up to task.seq_len. seed and options (temperature, top_k, top_p, beams):
-  as decode.generate takes them.
+  max_new_tokens: None: up to task.seq_len. seed, kv_dtype and options (temperature, top_k, top_p,
+  beams): as decode.generate takes them.
 
   Raises:
     errors.Error: no config.json or checkpoint, a task without a prompt codec, a model that is not
@@ -166,9 +171,10 @@ def generate_text(workdir: str, prompt: str, *, max_new_tokens: int | None = Non
   if max_new_tokens is None:
     max_new_tokens = max_len - len(tokens)
   decode.check_options(max_new_tokens=max_new_tokens, **options)  # before the restore
+  kv_cache.check_dtype(kv_dtype)
   model, _ = load_model(workdir, config)
   out = decode.generate(model, np.asarray([tokens]), [len(tokens)], max_len=max_len,
-                        max_new_tokens=max_new_tokens, seed=seed, **options)
+                        max_new_tokens=max_new_tokens, seed=seed, kv_dtype=kv_dtype, **options)
   return codec.decode(out.tokens[0, :out.lengths[0]].tolist()), out
 
 

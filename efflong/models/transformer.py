@@ -10,7 +10,7 @@ self-attention for the families that have them (longformer, bigbird); others ref
 supplies them).
 
 Cached decoding (kinds 'lm' and 'encoder_decoder', a family in attention.names(decode=True)):
-  cache = model.init_cache(batch_size, max_len)
+  cache = model.init_cache(batch_size, max_len, kv_dtype='float'|'int8')
   logits [B, T, V], cache = model.prefill(batch, cache)      # the prompt, right-padded
   logits [B, V], cache = model.decode_step(tokens [B], cache)  # one position per row
 Both run through `model(batch, cache=cache)` -> (logits, cache): a quantized model (qwix
@@ -167,18 +167,22 @@ class LanguageModel(nnx.Module):
            'segment_ids': last(jnp.concatenate([mem_seg, seg], 1), 1)}
     return self.embedder.decode(x), new
 
-  def init_cache(self, batch_size: int, max_len: int, *, mem_len: int | None = None) -> Cache:
+  def init_cache(self, batch_size: int, max_len: int, *, mem_len: int | None = None,
+                 kv_dtype: str = 'float') -> Cache:
     """An empty decoding cache for batch_size rows of up to max_len positions (prompt included).
 
     mem_len: Transformer-XL's segment memory (None: model.mem_len); the family sees it with the
     training segment length (task.seq_len) if its init_cache declares them.
+    kv_dtype: 'float' or 'int8' (keys and values int8 with per-token scales, efflong.nn.kv_cache).
 
     Raises:
-      errors.Error: the model is bidirectional or its attention family cannot decode.
+      errors.Error: the model is bidirectional, its attention family cannot decode, or it cannot
+        keep the kv_dtype asked for.
     """
     self.embedder.check_length(max_len)
     mem_len = self.mem_len if mem_len is None else mem_len
-    layers = self.stack.init_cache(batch_size, max_len, mem_len=mem_len, segment_len=self.max_len)
+    layers = self.stack.init_cache(batch_size, max_len, mem_len=mem_len, segment_len=self.max_len,
+                                   kv_dtype=kv_dtype)
     return _empty_cache(batch_size, max_len, layers)
 
   def prefill(self, batch: Batch, cache: Cache) -> tuple[jax.Array, Cache]:
@@ -247,11 +251,13 @@ class EncoderDecoder(nnx.Module):
     x = self.decoder(x, segment_ids=dec_seg, key=keys[3], context=enc, context_segment_ids=enc_seg)
     return self.embedder.decode(x)
 
-  def init_cache(self, batch_size: int, max_len: int) -> Cache:
+  def init_cache(self, batch_size: int, max_len: int, *, kv_dtype: str = 'float') -> Cache:
     """An empty decoder cache for batch_size rows of up to max_len target positions; prefill adds
-    each decoder layer's cross-attention keys and values ('cross')."""
+    each decoder layer's cross-attention keys and values ('cross', kept float). kv_dtype: the
+    decoder self-attention's cache, as in LanguageModel.init_cache."""
     self.embedder.check_length(max_len)
-    return _empty_cache(batch_size, max_len, self.decoder.init_cache(batch_size, max_len))
+    return _empty_cache(batch_size, max_len,
+                        self.decoder.init_cache(batch_size, max_len, kv_dtype=kv_dtype))
 
   def prefill(self, batch: Batch, cache: Cache) -> tuple[jax.Array, Cache]:
     """Encodes the source once and runs the target prompts through the decoder.

@@ -12,6 +12,7 @@ from flax import nnx
 
 from efflong import attention, errors
 from efflong.attention import Mask
+from efflong.nn import kv_cache
 from efflong.params import Dtype, head_projection, partitioned
 
 
@@ -26,6 +27,8 @@ class Attention(nnx.Module):
   Decoding (a causal layer of a family that decodes): `init_cache` makes the family's cache and
   `decode` attends new positions through it. A cross-attention layer decodes by computing its
   keys and values once (`context_cache`) and reading them at every step (`attend_context`).
+  An int8 cache (`init_cache(kv_dtype='int8')`, efflong.nn.kv_cache) holds the family's keys and
+  values as int8 with per-token scales; `decode` dequantizes it around the family's step.
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int, *, num_kv_heads: int | None = None,
@@ -103,21 +106,34 @@ class Attention(nnx.Module):
     return self.o(out)
 
   def init_cache(self, batch: int, max_len: int, *, mem_len: int | None = None,
-                 segment_len: int | None = None) -> dict[str, jax.Array]:
+                 segment_len: int | None = None, kv_dtype: str = 'float') -> dict[str, jax.Array]:
     """The family's empty cache for batch rows of up to max_len positions (`Family.make_cache`).
 
     mem_len, segment_len: the model's segment memory and training segment length (Transformer-XL);
     they reach the family's init_cache only if it declares them.
+    kv_dtype: 'float' (the family's cache as it is) or 'int8' (its keys and values 'k', 'v'
+    quantized per token: `kv_cache.quantize`).
 
     Raises:
-      errors.Error: the layer is bidirectional or its family cannot decode (naming why).
+      errors.Error: the layer is bidirectional or its family cannot decode (naming why), an unknown
+        kv_dtype, or kv_dtype='int8' for a family whose cache holds no keys and values.
     """
+    kv_cache.check_dtype(kv_dtype)
     if not self.causal:
       raise errors.Error(f'a bidirectional attention layer ({self.family!r}) cannot decode with a '
                          'cache; decoding needs a causal stack.')
     if self.make_cache is None:
       attention.get(self.family).check_decode()
-    return self.make_cache(batch, max_len, mem_len=mem_len, segment_len=segment_len)
+    cache = self.make_cache(batch, max_len, mem_len=mem_len, segment_len=segment_len)
+    if kv_dtype == 'float':
+      return cache
+    if not all(name in cache for name in kv_cache.KEYS):
+      raise errors.Error(f"kv_dtype='int8' quantizes cached keys and values; attention "
+                         f'{self.family!r} caches a running state ({sorted(cache)}) instead; '
+                         f'families whose caches hold them: {kv_cache.key_value_families()}.')
+    # The barrier stops XLA from constant-folding the quantization of the empty cache when it
+    # compiles (seconds for a cache of 4096 positions).
+    return kv_cache.quantize(jax.lax.optimization_barrier(cache))
 
   def decode(self, x: jax.Array, cache: dict[str, jax.Array], *, segment_ids: jax.Array | None,
              global_tokens: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -125,7 +141,8 @@ class Attention(nnx.Module):
 
     Args:
       x: [B, T, D] inputs at the new positions, which sit at cache['length'] + 0..T-1.
-      cache: from init_cache (or the previous call).
+      cache: from init_cache (or the previous call). An int8 cache is dequantized to float32 for
+        the family's step and quantized again after it (old positions come back bit for bit).
       segment_ids: [B, T] 1 on real new positions, 0 on right-padding (not cached), or None.
       global_tokens: [B, T] bool (longformer), or None.
     Returns:
@@ -135,8 +152,10 @@ class Attention(nnx.Module):
     inputs = {} if self.family_module is None else self.family_module(x)
     q = self.q(x)
     k = q if self.k is None else self.k(x)
-    out, cache = self.step(q, k, self.v(x), cache, mask=mask, **inputs)
-    return self.o(out), cache
+    int8 = kv_cache.is_quantized(cache)
+    out, cache = self.step(q, k, self.v(x), kv_cache.dequantize(cache) if int8 else cache,
+                           mask=mask, **inputs)
+    return self.o(out), kv_cache.quantize(cache) if int8 else cache
 
   def context_cache(self, context: jax.Array,
                     context_segment_ids: jax.Array | None) -> dict[str, jax.Array]:

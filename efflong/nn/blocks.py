@@ -109,8 +109,9 @@ class Block(nnx.Module):
     keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
     return self._branch(x, self.ff_norm, lambda h: self.ff(h, key=keys[3]), keys[2])
 
-  def init_cache(self, batch: int, max_len: int, **layer: int | None) -> LayerCache:
-    """{'self': the self-attention family's empty cache}; layer: mem_len, segment_len."""
+  def init_cache(self, batch: int, max_len: int, **layer: int | str | None) -> LayerCache:
+    """{'self': the self-attention family's empty cache}; layer: mem_len, segment_len, kv_dtype
+    (Attention.init_cache)."""
     return {'self': self.self_attn.init_cache(batch, max_len, **layer)}
 
   def context_cache(self, cache: LayerCache, context: jax.Array,
@@ -195,8 +196,9 @@ class Stack(nnx.Module):
     x = x if self.final_norm is None else self.final_norm(x)
     return x if memory is None else (x, jnp.stack(inputs))
 
-  def init_cache(self, batch: int, max_len: int, **layer: int | None) -> list[LayerCache]:
-    """Each layer's empty decoding cache (Block.init_cache); layer: mem_len, segment_len."""
+  def init_cache(self, batch: int, max_len: int, **layer: int | str | None) -> list[LayerCache]:
+    """Each layer's empty decoding cache (Block.init_cache); layer: mem_len, segment_len,
+    kv_dtype."""
     return [layer_.init_cache(batch, max_len, **layer) for layer_ in self.layers]
 
   def context_cache(self, caches: list[LayerCache], context: jax.Array,
