@@ -6,8 +6,9 @@ paper's bpc on enwik8: 0.99 for its 24-layer model); eval/loss is the same in na
 corpus is the Python standard library's source (offline, cached at first use); `corpus=PATH` takes
 enwik8, enwik8.zip or any byte file, split 90% / 5% / 5% (enwik8: the standard 90M / 5M / 5M).
 This default is a CPU-sized 2-layer model (d_model 128, 4 heads, d_ff 512) with dense attention and
-no segment memory, 2000 steps of 16 x 64 bytes; its bits per byte is not recorded yet (run the first
-command below). The same model with attention=xl reaches 2.534 eval bits per byte without memory
+no segment memory, 2000 steps of 16 x 64 bytes: 2.660 eval bits per byte (the fp32 row of
+experiments/results/compression.md, whose compressions and distilled students start from it). The
+same model with attention=xl reaches 2.534 eval bits per byte without memory
 and 2.441 with mem_len=64 (the xl sweep; experiments/results/xl_bytes.md).
 
 Command:

@@ -27,6 +27,8 @@ Arguments (comma separated, e.g. `configs/duplication.py:attention=dense,seq_len
               d_model 256, d_ff 256, 4 heads, 150K steps (bucket_size 128, the paper's typical
               chunk; its batch size for this task is not stated, 16 here as in the authors' trax
               copy config); with the Table 2 evaluations
+  distill     a trained run's workdir: distil from it as the teacher (config.distill;
+              efflong/compress/distill.py)
 Sweeps (`./launch.sh sweep --config=configs/duplication.py:<arg>`):
   smoke, or no arg: seq_len x layers.
   families: every sparse family against dense at seq_len 64. Copying needs a path from position
@@ -54,7 +56,7 @@ import ml_collections
 from efflong import config as config_lib
 
 ARGS = dict(attention='dense', seq_len=64, layers=2, smoke=False, families=False, fill=False,
-            table2=False, paper=False)
+            table2=False, paper=False, distill='')
 TABLE2_HASHES = (1, 2, 4, 8)  # the evaluation columns of Table 2 besides full attention
 
 
@@ -108,6 +110,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.model.d_model, c.model.d_ff = 256, 256
     c.train.steps, c.train.batch_size = 150_000, 16
     c.train.eval_every = c.train.checkpoint_every = 5000
+  c.distill.teacher_workdir = args['distill']
   if args['smoke']:
     config_lib.smoke(c)
   return c

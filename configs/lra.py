@@ -1,8 +1,9 @@
 """Long Range Arena (Tay et al. 2021, "Long Range Arena: A Benchmark for Efficient Transformers").
 
-Argument: `configs/lra.py:<task>[,attention=<family>][,paper][,pack][,smoke]`, task one of
-listops, text, retrieval, image, pathfinder (efflong/tasks/lra: data, fields, batches; the models:
-efflong/models/classifier.py).
+Argument: `configs/lra.py:<task>[,attention=<family>][,paper][,pack][,smoke][,distill=<run>]`,
+task one of listops, text, retrieval, image, pathfinder (efflong/tasks/lra: data, fields, batches;
+the models: efflong/models/classifier.py); `distill` names a trained run of the same task to
+distil from (config.distill, efflong/compress/distill.py).
 
   python -m efflong.main --config=configs/lra.py:listops --workdir=runs/lra/listops
   ./launch.sh sweep --config=configs/lra.py:listops,families --parallel 2
@@ -84,7 +85,7 @@ TASKS = ('listops', 'text', 'retrieval', 'image', 'pathfinder')
 FAMILIES = ('dense', 'local', 'longformer', 'strided', 'fixed', 'bigbird', 'lsh', 'linformer',
             'linear', 'performer')
 ARGS = dict(**{t: False for t in TASKS}, attention='dense', paper=False, pack=False, smoke=False,
-            families=False)
+            families=False, distill='')
 CURVES = ('eval/accuracy', 'train/loss')
 # LRA Table 1, test accuracy (%) per family and task, as in the docstring (strided and fixed: the
 # paper's Sparse Transformer row); experiments/bench/lra_report.py puts ours beside it.
@@ -205,6 +206,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   length = c.task.seq_len + (c.task.max_segments if c.model.pooling == 'cls' else 0)
   c.model.attention_kw.update(family_kw(args['attention'], length,
                                         max_segments=c.task.max_segments))
+  c.distill.teacher_workdir = args['distill']
   if args['smoke']:
     smoke(c, name)
   return c
