@@ -34,7 +34,8 @@ _failed: list[str] = []  # messages of the checks that failed in jitted programs
 _lock = threading.Lock()  # callbacks run on XLA's threads, one per device
 
 
-def check(message: Callable[..., str | None], *values: jax.Array) -> None:
+def check(message: Callable[..., str | None], *values: jax.Array,
+          failed: jax.Array | None = None) -> None:
   """Raises CheckError(message(*values)) when message returns one, also when values are traced.
 
   With concrete values it raises at once. Traced (under jit), the check runs on the host when the
@@ -48,6 +49,10 @@ def check(message: Callable[..., str | None], *values: jax.Array) -> None:
     message: the values as numpy arrays -> an error message, or None when they are valid.
     *values: arrays, concrete or traced; every device must see the same values (reduce over the
       whole array, as jnp.max does under jit).
+    failed: traced: a bool scalar, True when the values are invalid (what message says, computed
+      on the device); the host is then called only when it is True (lax.cond), not at every run
+      of the program, which a check in every training step would otherwise pay. None: the host
+      judges every run.
   """
   evaluate = lambda *arrays: message(*(np.asarray(x) for x in arrays))
   if not any(isinstance(v, jax.core.Tracer) for v in values):
@@ -64,7 +69,11 @@ def check(message: Callable[..., str | None], *values: jax.Array) -> None:
       _failed.append(text)
     logging.error('efflong: a check failed inside a jitted program: %s', text)
 
-  jax.debug.callback(callback, *values, partitioned=True)
+  report = lambda *arrays: jax.debug.callback(callback, *arrays, partitioned=True)
+  if failed is None:
+    report(*values)
+  else:
+    jax.lax.cond(failed, report, lambda *arrays: None, *values)
 
 
 def raise_pending() -> None:

@@ -56,3 +56,28 @@ def test_raise_pending_raises_the_first_failure_and_counts_the_others(logged):
   with pytest.raises(errors.CheckError,
                      match=r'^id 4 is above 2\. \(2 more failed checks are logged above\)$'):
     errors.raise_pending()
+
+
+def test_with_a_failed_predicate_the_host_is_called_only_on_failure(logged):
+  """failed= (computed on the device): valid values never reach the host, in a sharded program."""
+  mesh = jax.make_mesh((8,), ('data',))
+  calls = []
+
+  def message(high):
+    calls.append(int(high))
+    return too_big(high)
+
+  @jax.jit
+  def step(ids):
+    high = jnp.max(ids)
+    errors.check(message, high, failed=high > 2)
+    return ids
+
+  ids = jax.device_put(jnp.arange(16) % 3, NamedSharding(mesh, P('data')))
+  step(ids)
+  errors.raise_pending()
+  assert not calls  # valid: no host call at all
+  step(ids + 1)
+  with pytest.raises(errors.CheckError, match=r'^id 3 is above 2\.$'):
+    errors.raise_pending()
+  assert calls and logged == ['efflong: a check failed inside a jitted program: id 3 is above 2.']

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (['--config=configs/duplication.py:smoke,seq_len=63'],
      'task.seq_len=63 cannot hold 0w0w: it must be even and >= 4.'),
     (['--config=configs/duplication.py:smoke,sequence_len=64'],
-     "unknown config argument 'sequence_len'; valid: ['attention', 'families', 'fill', 'layers', 'paper', 'seq_len', 'smoke', 'table2']"),
+     "unknown config argument 'sequence_len'; valid: ['attention', 'distill', 'families', 'fill', 'layers', 'paper', 'seq_len', 'smoke', 'table2']"),
     (['--config=configs/duplication.py:attention=flash,smoke'],
      f"unknown attention 'flash'; known: {attention.names()}"),
     (['--config=configs/nope.py:smoke'], "no config file 'configs/nope.py'."),

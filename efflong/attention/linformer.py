@@ -51,7 +51,8 @@ def check_segments(segment_ids: jax.Array, segments: int) -> None:
     return (f'segment id {low if low < 0 else high} is outside 0..segments={segments}; set '
             'model.attention_kw.segments to the most sequences packed in a row.')
 
-  errors.check(message, jnp.min(segment_ids, initial=0), jnp.max(segment_ids, initial=0))
+  low, high = jnp.min(segment_ids, initial=0), jnp.max(segment_ids, initial=0)
+  errors.check(message, low, high, failed=(low < 0) | (high > segments))
 
 
 def _project(x: jax.Array, proj: jax.Array, member: jax.Array | None) -> jax.Array:

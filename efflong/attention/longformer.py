@@ -64,7 +64,8 @@ def check_flags(flags: jax.Array, count: int) -> None:
     return (f'a row flags {most} global tokens; the attention has global_tokens={count} slots; '
             'set model.attention_kw.global_tokens to the most a row flags.')
 
-  errors.check(message, jnp.max(jnp.sum(flags.astype(jnp.int32), axis=-1), initial=0))
+  most = jnp.max(jnp.sum(flags.astype(jnp.int32), axis=-1), initial=0)
+  errors.check(message, most, failed=most > count)
 
 
 def attend_with_globals(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask,

@@ -62,7 +62,8 @@ def check_segments(segment_ids: jax.Array, max_segments: int) -> None:
               '(task.max_segments): its example would be pooled nowhere.')
     return None
 
-  errors.check(message, count, first_bad, jnp.max(segment_ids))
+  high = jnp.max(segment_ids)
+  errors.check(message, count, first_bad, high, failed=(count > 0) | (high > max_segments))
 
 
 def segment_starts(segment_ids: jax.Array, max_segments: int) -> jax.Array:

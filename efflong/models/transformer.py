@@ -105,13 +105,11 @@ def _decode_stack(embedder: Embedder, stack: Stack, tokens: jax.Array,
                            global_tokens=global_tokens)
   real = tokens.shape[1] if segment_ids is None else (segment_ids != 0).sum(1, dtype=jnp.int32)
   longest, max_len = (length + real).max(), cache['max_len'].max()
-  # The host check runs only when a row overflows: no host round-trip per decoded token. The
-  # values are the branches' operands, so that they are traced there even when the call is not
-  # jitted (closed over concrete values, errors.check would raise while cond traces the branch).
-  overflow = lambda n, m: errors.check(lambda n, m: (
+  # The host check runs only when a row overflows: no host round-trip per decoded token.
+  errors.check(lambda n, m: None if n <= m else (
       f'decoding past the cache: a row reached {n} positions, the cache holds max_len={m} '
-      '(init_cache); its later positions were not cached.'), n, m)
-  jax.lax.cond(longest > max_len, overflow, lambda n, m: None, longest, max_len)
+      '(init_cache); its later positions were not cached.'), longest, max_len,
+               failed=longest > max_len)
   return embedder.decode(x), {**cache, 'length': length + real, 'layers': layers}
 
 
