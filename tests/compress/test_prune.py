@@ -247,9 +247,10 @@ def test_sparsity_report_counts_zeros_and_sparse_bytes(tree):
 
 def test_retraining_from_a_run_holds_its_magnitude_mask(tmp_path):
   """A training run from another run's checkpoint (train.init_from) with one-shot magnitude
-  pruning at 50%, through the trainer: after 2 steps the kernels are zero exactly where
-  magnitude_masks of the source's parameters puts the mask (the mask computed from the loaded
-  weights, applied before the first step and held through the updates)."""
+  pruning at 50%, through the trainer on the 8 test devices (the masks sharded like the kernels):
+  after 2 steps the kernels are zero exactly where magnitude_masks of the source's parameters
+  puts the mask (computed from the loaded weights, applied before the first step and held
+  through the updates)."""
   config = load_config_module('bytes_lm').get_config('smoke,seq_len=16,layers=1')
   source = models.build(config, rngs=nnx.Rngs(0))
   cli.save(source, config, str(tmp_path / 'source'), 1, {})

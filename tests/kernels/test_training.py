@@ -10,6 +10,7 @@ from tests.train.test_trainer import losses
 
 # LSH: the kernel behind a sort, in a model with its hash reseeding; the block-sparse families' model
 # path is the same layer code (tests/kernels/test_flash_attention.py checks each family's kernel).
+@pytest.mark.slow  # ~60 s: two trainings, one through the interpreted kernels (-m slow)
 @pytest.mark.parametrize('attention,attention_kw', [
     ('lsh', dict(bucket_size=16, allow_duplicates=True))])   # the -log N_ij count has no kernel
 def test_pallas_training_equals_xla(tmp_path, attention, attention_kw):

@@ -70,6 +70,7 @@ def test_tables_and_plot(tmp_path):
   assert not sweep.write_plot(tmp_path / 'empty', ['a=1'])
 
 
+@pytest.mark.slow  # ~50 s: 4 trainings in subprocesses, twice (./launch.sh test -m slow)
 def test_smoke_sweep_then_rerun_skips(tmp_path):
   """The 4 smoke points, 2 at a time; the same command again skips all 4."""
   command = [sys.executable, '-m', 'efflong.sweep', '--config=configs/duplication.py:smoke',
