@@ -25,6 +25,11 @@ from efflong import errors
 Dtype = jnp.dtype | type
 
 
+def path_keys(path: tuple) -> tuple:
+  """A jax tree path as plain keys (str and int): ('stack', 'layers', 0, 'ff', 'wi', 'kernel')."""
+  return tuple(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path)
+
+
 def partitioned(init: nnx.Initializer, *names: str | None) -> nnx.Initializer:
   """An initialiser that tags the parameter with logical axis names."""
   return nnx.with_partitioning(init, names, eager_sharding=False)

@@ -2,8 +2,9 @@
 schedule, an L1 penalty, structured pruning of attention heads and feed-forward neurons that
 shrinks the matrices, and a sparsity report.
 
-Only kernels are pruned (`efflong.params.is_kernel`, by logical axis names): the q, k, v, o projections,
-the feed-forward, the output head. Token embeddings, position tables, norms and biases never are.
+Only kernels are pruned (`efflong.params.is_kernel`, by logical axis names): the q, k, v, o
+projections, the feed-forward, the output head. Token embeddings, position tables, norms and
+biases never are.
 
 A mask tree has the structure of the parameters (their nnx Variables kept, so that a mask carries
 its kernel's logical axis names and shards like it) with a bool array in place of each value:
@@ -29,6 +30,7 @@ from flax import nnx
 
 from efflong import errors, models
 from efflong import params as params_lib
+from efflong.params import path_keys
 
 METHODS = ('none', 'magnitude', 'nm')
 SCOPES = ('global', 'layer')
@@ -50,13 +52,8 @@ def _names(var: nnx.Variable) -> tuple:
   return tuple(var.get_metadata('out_sharding', None) or ())
 
 
-def _key(path) -> tuple:
-  """A tree path as a tuple of plain keys (strings and ints)."""
-  return tuple(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))) for k in path)
-
-
 def _dotted(path) -> str:
-  return '.'.join(map(str, _key(path)))
+  return '.'.join(map(str, path_keys(path)))
 
 
 def _check_fraction(name: str, value: Any) -> None:
@@ -115,7 +112,7 @@ def magnitude_masks(params: Tree, sparsity: Any, *, scope: str = 'global') -> Tr
 
 
 def _as_matrix(path, var: nnx.Variable, m: int) -> tuple[jax.Array, int]:
-  """A kernel as [inputs, outputs] (its leading input axes flattened, params_lib.kernel_inputs), with
+  """A kernel as [inputs, outputs] (its leading input axes flattened, params.kernel_inputs), with
   its input size, checked divisible by m."""
   ins = params_lib.kernel_inputs(_names(var))
   size = math.prod(var.shape[:ins])
@@ -135,7 +132,7 @@ def nm_masks(params: Tree, n: int = 2, m: int = 4) -> Tree:
   n with the largest |w| are kept (NVIDIA's 2:4 sparsity along the reduction axis).
 
   The input (contracted) axes are a kernel's leading axes ('embed', 'mlp' or 'heads', 'head_dim';
-  params_lib.kernel_inputs), flattened: a kernel [I..., O...] is grouped as [prod(I) / m, m, prod(O)].
+  params.kernel_inputs), flattened: a kernel [I..., O...] is grouped as [prod(I) / m, m, prod(O)].
   Ties are broken by position, so every group keeps exactly n.
 
   Raises:
@@ -309,7 +306,8 @@ def _pruned_slices(config: ml_collections.ConfigDict, params: Tree, heads: float
   if heads and model.num_kv_heads not in (0, model.num_heads):
     raise errors.Error(f'structured head pruning needs model.num_kv_heads=0 or num_heads='
                        f'{model.num_heads}; got {model.num_kv_heads} (grouped-query attention).')
-  leaves = {_key(p): v for p, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_var)}
+  leaves = {path_keys(p): v
+            for p, v in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_var)}
   kinds = (('heads', heads, 'model.num_heads', model.num_heads, 'heads', ('q', 'k', 'v', 'o')),
            ('ff', ff, 'model.d_ff', model.d_ff, 'mlp', ('wi', 'wo')))
   slices = {}
@@ -345,9 +343,9 @@ def structured_masks(config: ml_collections.ConfigDict, params: Tree, *, heads: 
   slices = _pruned_slices(config, params, heads, ff)
 
   def one(path, var):
-    if _key(path) not in slices:
+    if path_keys(path) not in slices:
       return var.replace(jnp.ones(var.shape, bool))
-    axis, kept = slices[_key(path)]
+    axis, kept = slices[path_keys(path)]
     keep = np.zeros(var.shape[axis], bool)
     keep[kept] = True
     shape = [1] * var.ndim
@@ -389,13 +387,14 @@ def structured(config: ml_collections.ConfigDict, params: nnx.State, *, heads: f
         d_ff=model.d_ff - round(ff * model.d_ff))
   values = {}
   for path, var in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_var):
-    axis, kept = slices.get(_key(path), (None, None))
-    values[_key(path)] = var[...] if axis is None else jnp.take(var[...], kept, axis=axis)
+    axis, kept = slices.get(path_keys(path), (None, None))
+    values[path_keys(path)] = (var[...] if axis is None
+                               else jnp.take(var[...], kept, axis=axis))
   abstract = nnx.state(nnx.eval_shape(lambda: models.build(new_config, rngs=nnx.Rngs(0))),
                        nnx.Param)
 
   def fill(path, var):
-    value = values.get(_key(path))
+    value = values.get(path_keys(path))
     if value is None or value.shape != var.shape:
       raise errors.Error(f'structured pruning: the pruned model\'s {_dotted(path)} {var.shape} '
                          f'has no counterpart of that shape in the given parameters.')

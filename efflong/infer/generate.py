@@ -32,7 +32,7 @@ from efflong import config as config_lib
 from efflong.compress import quantize
 from efflong.infer import decode
 from efflong.nn import kv_cache
-from efflong.train import trainer
+from efflong.train import checkpoint, trainer
 
 
 
@@ -133,7 +133,7 @@ def load_model(workdir: str,
   """
   config = load_config(workdir) if config is None else config
   graphdef, params, rest = nnx.split(abstract_model(config), nnx.Param, ...)
-  restored, step = trainer.restore_variables(workdir, {'params': params, 'model_state': rest},
+  restored, step = checkpoint.restore_variables(workdir, {'params': params, 'model_state': rest},
                                              key='--workdir')
   return nnx.merge(graphdef, restored['params'], restored['model_state']), step
 

@@ -20,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from efflong import attention, errors, models, tasks
 from efflong.compress import distill, prune
-from efflong.train import optim, sharding
+from efflong.train import checkpoint, optim, sharding
 from efflong.train.checkpoint import Checkpoints
 from efflong.train.metrics import Accumulator, Writer
 
@@ -257,59 +256,6 @@ class Setup:
   teacher: Teacher | None = None  # distillation (config.distill): the teacher's restored variables
 
 
-def _array_name(path: tuple) -> str:
-  """'params/stack/layers/0/ff/wi/kernel' for a tree path; an nnx Variable's 'value' (an attribute
-  in the model's tree, a dict key in a checkpoint's metadata) is left out."""
-  keys = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
-  return '/'.join(keys[:-1] if keys and keys[-1] == 'value' else keys)
-
-
-def restore_variables(workdir: str, target: dict[str, Any], *, key: str) -> tuple[dict, int]:
-  """(fields of the TrainState in workdir's latest checkpoint, restored into target; its step).
-
-  An orbax partial restore: only the fields target names are read (not the optimizer state), each
-  array directly into its sharding. The checkpoint's shapes are checked first (orbax would pad or
-  cut an array to the target's shape).
-
-  Args:
-    workdir: a training run's directory.
-    target: {field: a tree of jax.ShapeDtypeStruct with shardings}, e.g. {'params': ...,
-      'model_state': ...}, as trainer.TrainState names them.
-    key: the config key that named workdir, for the errors (e.g. 'train.init_from').
-  Raises:
-    errors.Error: no checkpoint in workdir; an array of target missing from it or of another shape.
-  """
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  step = None
-  if os.path.isdir(directory):
-    step = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(create=False)).latest_step()
-  if step is None:
-    raise errors.Error(f'{key}={workdir!r}: no checkpoint in {directory!r}; give the workdir of '
-                       'a trained run.')
-  path = os.path.join(directory, str(step), 'state')
-  flat = lambda tree: {_array_name(p): leaf.shape
-                       for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  saved = flat(ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree)
-  for array, shape in flat(target).items():
-    if array not in saved:
-      raise errors.Error(f'{key}={workdir!r}: {array} of this model is not in its checkpoint '
-                         f'(step {step}); the two models differ.')
-    if saved[array] != shape:
-      raise errors.Error(f'{key}={workdir!r}: {array} has shape {saved[array]} in its checkpoint '
-                         f'(step {step}) and {shape} in this model.')
-  restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-      item=target, partial_restore=True,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
-  return restored, step
-
-
-def _sharded(abstract: Any, shardings: Any) -> Any:
-  """The tree of jax.ShapeDtypeStruct with the shapes of abstract and these shardings."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                      shardings)
-
-
 def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                  ) -> tuple[nnx.GraphDef, Teacher]:
   """The distillation teacher of config.distill.teacher_workdir: its model graph, with its own
@@ -325,8 +271,9 @@ def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
   distill.check(config, teacher_config)
   graphdef, params, rest = _split(generate.abstract_model(teacher_config))
   abstract = {'params': params, 'model_state': rest}
-  target = _sharded(abstract, sharding.state_shardings(abstract, mesh, config.sharding_rules))
-  restored, _ = restore_variables(workdir, target, key='distill.teacher_workdir')
+  target = checkpoint.sharded(abstract,
+                              sharding.state_shardings(abstract, mesh, config.sharding_rules))
+  restored, _ = checkpoint.restore_variables(workdir, target, key='distill.teacher_workdir')
   return graphdef, (restored['params'], restored['model_state'])
 
 
@@ -405,9 +352,10 @@ def initial_state(config: ml_collections.ConfigDict, run: Setup, ckpts: Checkpoi
             f'Resumed from the checkpoint at step {start} in {ckpts.directory}{ignored}.')
   if not init_from:
     return run.init(), None
-  target = _sharded({'params': run.abstract.params, 'model_state': run.abstract.model_state},
-                    {'params': run.shardings.params, 'model_state': run.shardings.model_state})
-  restored, step = restore_variables(init_from, target, key='train.init_from')
+  target = checkpoint.sharded(
+      {'params': run.abstract.params, 'model_state': run.abstract.model_state},
+      {'params': run.shardings.params, 'model_state': run.shardings.model_state})
+  restored, step = checkpoint.restore_variables(init_from, target, key='train.init_from')
   return (run.init_from(restored['params'], restored['model_state']),
           f'Started from the parameters of step {step} of {os.path.abspath(init_from)} '
           '(train.init_from), with a fresh optimizer state.')
