@@ -51,8 +51,8 @@ def define_flags() -> dict[str, flags.FlagHolder]:
       'out': flags.DEFINE_string('out', None, 'The directory of the compressed run.'),
       'method': flags.DEFINE_string('method', None, f'One of {", ".join(METHODS)}.'),
       'rules': flags.DEFINE_list('rules', None, "mixed: 'path regex=precision' pairs, e.g. "
-                                 "'embedder/embed=bf16,embedder/head=bf16,.*=int8' (regexes matched whole against the "
-                                 "layer paths; the first match wins)."),
+                                 "'embedder/embed=bf16,embedder/head=bf16,.*=int8' (regexes "
+                                 'matched whole against the layer paths; the first match wins).'),
       'quant': flags.DEFINE_string('quant', 'int8', 'sensitivity: the precision tried per layer.'),
       'sparsity': flags.DEFINE_float('sparsity', 0.5, 'prune: the fraction of kernel weights '
                                      'set to zero, in [0, 1).'),
