@@ -28,6 +28,8 @@ decoding cache of 4096 positions in float32 and int8: bytes and decode time.
 
 Command:
   ./launch.sh bench compress [--runs=runs/compress] [--out=experiments/results/compression]
+Writes <out>.md, <out>.json (the rows) and <out>_sensitivity_int8.json (the compress command's
+per-layer report).
 """
 
 from __future__ import annotations
@@ -242,8 +244,10 @@ def main(argv: list[str]) -> None:
     row(f'{name} + retrain', retrained, 'pruning', f'{_RETRAIN.value} steps, {held}',
         decode=False)
   kv = [kv_row(fp32, kv_dtype) for kv_dtype in kv_cache.KV_DTYPES]
-  benchlib.emit(_OUT.value, report(rows, json.loads((sensitivity / 'sensitivity.json')
-                                                    .read_text()), kv), rows + kv)
+  layers = sensitivity / 'sensitivity.json'
+  benchlib.emit(_OUT.value, report(rows, json.loads(layers.read_text()), kv), rows + kv)
+  if _OUT.value:  # the sensitivity table's raw output beside <out>.json
+    shutil.copy(layers, f'{_OUT.value}_sensitivity_int8.json')
 
 
 def kv_row(workdir: pathlib.Path, kv_dtype: str) -> dict[str, Any]:
