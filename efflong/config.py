@@ -128,6 +128,8 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       ff_chunk_size=0,            # feed-forward over length chunks of this size (0: whole sequence)
       mem_len=0,                  # Transformer-XL segment memory (0: none); attention 'xl',
                                   # positions 'none' and a task with contiguous rows (bytes_lm)
+      remat='none',               # none | full | dots | offload: what each block saves for the
+                                  # backward (jax.checkpoint policies); the reversible stack recomputes
   ))
   c.model.attention_kw = attention_defaults('dense')
 
@@ -149,6 +151,7 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       l1=0.0,                     # L1 penalty on the kernels (efflong.compress.prune); 0: none
       init_from='',               # a run's workdir: start (not resume) from its latest parameters
+      offload_optimizer=False,    # optimizer state in host memory (pinned_host) between steps
   ))
   c.eval = ml_collections.ConfigDict(dict(steps=4, batch_size=32))
   c.eval.attention_kw = attention_defaults('dense', inherit=True)
@@ -172,7 +175,9 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       n=2, m=4,                   # nm: n nonzeros in every group of m along the reduction axis
   ))
   c.qat = ml_collections.ConfigDict(dict(method='none'))  # none | int8 | w8a8 | int4 (fake quant)
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+  # context: context parallelism, the length axis of activations split over devices (ring, halo or
+  # prefix-state exchange per family; efflong.attention.context).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1, context=1))
   c.sharding_rules = DEFAULT_RULES
   return c
 
