@@ -67,6 +67,17 @@ class Family:
       to the cache and themselves, causal; mask.q_segment_ids [B, T] (None: all real) is 1 on
       real new positions, 0 on right-padding (neither written nor counted).
     decode_why: why the family cannot decode (when attend_step is None).
+    context: None (no context parallelism), or the family's context twin, run by the attention
+      layer inside jax.shard_map when the mesh's 'context' axis has size > 1 (the length axis
+      split over devices): `context(q, k, v, *, mask, axis_name, **hyper) -> out`, with q
+      [B, T_local, N, H] this device's contiguous block of queries (global positions
+      axis_index(axis_name) * T_local + i), k, v [B, T_local, K, H] the same block of keys, mask
+      the Mask attend gets with its segment ids sliced to this block, and hyper exactly attend's
+      keyword hyper-parameters and inputs; it returns this block of attend's output, and
+      concatenating every device's block equals attend on the whole arrays (values and
+      gradients). It names no mesh axis but axis_name.
+    context_why: why the family has no context twin (when context is None), for the one-line
+      refusal of mesh.context > 1.
 
   A family has a Pallas path when attend takes `impl` ('xla' | 'pallas'); see `pallas`.
   """
@@ -84,6 +95,8 @@ class Family:
   init_cache: Callable[..., dict[str, Any]] | None = None
   attend_step: AttendFn | None = None
   decode_why: str = ''
+  context: AttendFn | None = None
+  context_why: str = ''
 
   def __post_init__(self):
     if (self.init_cache is None) != (self.attend_step is None):
@@ -284,9 +297,11 @@ register(Family('lsh', lsh.attend, inputs=('rng',), module=lsh.hash_rng, before_
                 shared_qk=True, init_cache=lsh.init_cache, attend_step=lsh.attend_step))
 register(Family('xl', relative.attend, inputs=('pos_proj', 'content_bias', 'pos_bias'),
                 module=relative.relative_params, memory=True, init_cache=relative.init_cache,
-                attend_step=relative.attend_step))
+                attend_step=relative.attend_step,
+                context_why='its segment memory and relative positions span the whole segment'))
 register(Family('linformer', linformer.attend, causal=False, inputs=('proj_k', 'proj_v'),
                 module=linformer.projections, unsupported_why=linformer.CAUSAL_WHY,
-                decode_why=f'it is not causal ({linformer.CAUSAL_WHY})'))
+                decode_why=f'it is not causal ({linformer.CAUSAL_WHY})',
+                context_why='its projections E, F run over the whole length'))
 
 __all__ = ['Family', 'Mask', 'get', 'names', 'register']
