@@ -21,10 +21,11 @@ from ml_collections import config_dict
 from efflong import attention, errors
 
 # Logical axis -> mesh axis. Parameters are sharded over `fsdp` on their embed axis and over `model`
-# on heads / mlp / vocab (Megatron-style); activations' batch axis over (data, fsdp).
+# on heads / mlp / vocab (Megatron-style); activations' batch axis over (data, fsdp), their length
+# axis over `context` (context parallelism: the attention layer runs its family's context twin).
 DEFAULT_RULES = (
     ('batch', ('data', 'fsdp')),
-    ('length', None),
+    ('length', 'context'),
     ('embed', 'fsdp'),
     ('heads', 'model'),
     ('head_dim', None),

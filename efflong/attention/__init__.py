@@ -27,7 +27,7 @@ import jax
 
 from efflong import errors, kernels
 from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, lsh,
-                               performer, relative, sparse)
+                               performer, relative, ring, sparse)
 from efflong.mask import Mask
 
 AttendFn = Callable[..., Any]
@@ -75,7 +75,10 @@ class Family:
       the Mask attend gets with its segment ids sliced to this block, and hyper exactly attend's
       keyword hyper-parameters and inputs; it returns this block of attend's output, and
       concatenating every device's block equals attend on the whole arrays (values and
-      gradients). It names no mesh axis but axis_name.
+      gradients). It names no mesh axis but axis_name. The layer passes the family's inputs
+      shaped [B, T, ...] (activations) sliced like q and the others whole; the other mesh axes
+      stay automatic (batch and heads keep their shardings). Its keywords are attend's plus
+      axis_name (checked at register).
     context_why: why the family has no context twin (when context is None), for the one-line
       refusal of mesh.context > 1.
 
@@ -108,6 +111,12 @@ class Family:
       if step != full:
         raise errors.Error(f'attention {self.name!r}: attend_step takes keywords {step}, but attend '
                            f'takes {full}; they must match (impl aside).')
+    if self.context is not None:
+      twin, full = _keyword_defaults(self.context), _keyword_defaults(self.attend)
+      if twin.pop('axis_name', None) is not inspect.Parameter.empty or twin != full:
+        raise errors.Error(f'attention {self.name!r}: its context twin must take attend\'s keywords '
+                           f'{full} and axis_name (no default); it takes '
+                           f'{_keyword_defaults(self.context)}.')
 
   @property
   def pallas(self) -> bool:
@@ -118,6 +127,11 @@ class Family:
   def decode(self) -> bool:
     """Whether the family decodes with a cache (has init_cache and attend_step)."""
     return self.attend_step is not None
+
+  @property
+  def context_parallel(self) -> bool:
+    """Whether the family runs with its length split over devices (has a context twin)."""
+    return self.context is not None
 
   def hyper_parameters(self) -> dict[str, tuple[inspect.Parameter, Any]]:
     """name -> (parameter, type hint): attend's keyword-only parameters (less mask and inputs),
@@ -187,6 +201,26 @@ class Family:
       why = self.decode_why or 'it has no init_cache/attend_step yet'
       raise errors.Error(f'attention {self.name!r} cannot decode with a cache: {why}; families '
                          f'that can: {names(decode=True)}.')
+
+  def check_context(self) -> None:
+    """Raises errors.Error, naming the family and why, if it has no context twin."""
+    if not self.context_parallel:
+      why = self.context_why or 'it has no context twin yet'
+      raise errors.Error(f'attention {self.name!r} cannot split the length over devices '
+                         f'(mesh.context > 1): {why}; families that can: '
+                         f'{names(context_parallel=True)}.')
+
+  def bind_context(self, *, causal: bool, impl: str = 'xla', **hyper: Any) -> AttendFn:
+    """The context twin with its hyper-parameters fixed, checked as `bind` does; the returned
+    function is `twin(q, k, v, *, mask, axis_name, **inputs)`.
+
+    Raises:
+      ValueError: the family has no context twin (check_context), or what bind raises.
+      TypeError: a hyper-parameter the family does not take.
+    """
+    self.check_context()
+    self._check(causal, impl, hyper)
+    return self._attend_kw(self.context, impl, hyper)
 
   def bind_step(self, *, impl: str = 'xla', **hyper: Any) -> AttendFn:
     """attend_step with its hyper-parameters fixed, checked as `bind(causal=True, ...)` does.
@@ -277,17 +311,19 @@ def before_step(model: Any, key: Any, step: Any) -> None:
 
 
 register(Family('dense', dense.attend, init_cache=dense.init_cache,
-                attend_step=dense.attend_step))
+                attend_step=dense.attend_step, context=ring.attend))
 register(Family('local', local.attend, init_cache=local.init_cache,
                 attend_step=local.attend_step))
 register(Family('longformer', longformer.attend, inputs=('global_qkv',),
                 module=longformer.global_projections, init_cache=longformer.init_cache,
                 attend_step=longformer.attend_step))
 register(Family('strided', sparse.strided, init_cache=dense.init_cache,
-                attend_step=sparse.strided_step))
-register(Family('fixed', sparse.fixed, init_cache=dense.init_cache, attend_step=sparse.fixed_step))
+                attend_step=sparse.strided_step, context=ring.strided))
+register(Family('fixed', sparse.fixed, init_cache=dense.init_cache, attend_step=sparse.fixed_step,
+                context=ring.fixed))
 register(Family('bigbird', bigbird.attend, inputs=('layer',), module=bigbird.layer_index,
-                init_cache=dense.init_cache, attend_step=bigbird.attend_step))
+                init_cache=dense.init_cache, attend_step=bigbird.attend_step,
+                context=ring.bigbird_gathered))
 register(Family('linear', linear.attend, init_cache=linear.init_cache,
                 attend_step=linear.attend_step))
 register(Family('performer', performer.attend, inputs=('projection',),

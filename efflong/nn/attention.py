@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import functools
-
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import linen, nnx
+from jax.sharding import PartitionSpec as P
 
 from efflong import attention, errors
 from efflong.attention import Mask
 from efflong.nn import kv_cache
 from efflong.params import Dtype, head_projection, partitioned
+
+
+def length_axes() -> tuple[str, ...]:
+  """The mesh axes of size > 1 that the current logical rules give 'length' (context parallelism),
+  as a step traced under `efflong.train.sharding.traced_under` sees them; () outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = linen.logical_to_mesh_axes(('length',))[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
 class Attention(nnx.Module):
@@ -47,6 +59,8 @@ class Attention(nnx.Module):
     self.family_module = fam.make_module(family_kw or {}, **layer)
     can_decode = causal and fam.decode
     self.step = fam.bind_step(impl=impl, **(family_kw or {})) if can_decode else None
+    self.context_attend = (fam.bind_context(causal=causal, impl=impl, **(family_kw or {}))
+                           if fam.context_parallel else None)
     self.make_cache = (functools.partial(fam.make_cache, num_kv_heads=num_kv_heads,
                                          head_dim=head_dim, dtype=dtype, **(family_kw or {}))
                        if can_decode else None)
@@ -102,8 +116,36 @@ class Attention(nnx.Module):
     inputs = {} if self.family_module is None else self.family_module(x)
     q = self.q(x)
     k = q if self.k is None else self.k(context)
-    out = self.attend(q, k, self.v(context), mask=mask, **inputs)
+    out = self._attend(q, k, self.v(context), mask, inputs, self_attention=context is x)
     return self.o(out)
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, inputs: dict[str, Any],
+              *, self_attention: bool) -> jax.Array:
+    """The family's attend, or, when the current rules split the length over mesh axes of
+    size > 1 (context parallelism, `length_axes`), its context twin under jax.shard_map: q, k, v,
+    the mask's arrays and the [B, T, ...] inputs split over the length, the other mesh axes left
+    automatic. Cross-attention and a memory (keys of another length) run the plain attend on the
+    split arrays (the compiler gathers the keys)."""
+    axes = length_axes()
+    if not axes:
+      return self.attend(q, k, v, mask=mask, **inputs)
+    if self.context_attend is None:
+      attention.get(self.family).check_context()
+    if not self_attention:
+      return self.attend(q, k, v, mask=mask, **inputs)
+    mesh = jax.sharding.get_abstract_mesh()
+    size = math.prod(mesh.shape[a] for a in axes)
+    if q.shape[1] % size:
+      raise errors.Error(f'context parallelism splits the length T={q.shape[1]} over mesh axes '
+                         f'{axes} of {size} devices; T must be a multiple of {size}.')
+    axis_name = axes[0] if len(axes) == 1 else axes
+    split = P(None, axis_name)
+    spec = lambda x: (split if isinstance(x, jax.Array) and x.shape[:2] == q.shape[:2] else P())
+    twin = lambda q, k, v, mask, inputs: self.context_attend(q, k, v, mask=mask,
+                                                            axis_name=axis_name, **inputs)
+    return jax.shard_map(twin, in_specs=(split, split, split, jax.tree.map(spec, mask),
+                                         jax.tree.map(spec, inputs)),
+                         out_specs=split, axis_names=set(axes))(q, k, v, mask, inputs)
 
   def init_cache(self, batch: int, max_len: int, *, mem_len: int | None = None,
                  segment_len: int | None = None, kv_dtype: str = 'float') -> dict[str, jax.Array]:

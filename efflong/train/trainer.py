@@ -320,12 +320,16 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   init_eval_memory = jax.jit(eval_memory, out_shardings=eval_memory_shardings)
   replicated = NamedSharding(mesh, P())
   teacher_shardings = () if teacher is None else (jax.tree.map(lambda x: x.sharding, teacher),)
-  train_step = jax.jit(make_train_step(config, task, tx, graphdef, teacher_graphdef),
-                       in_shardings=(shardings, batch_sharding, *teacher_shardings),
+  # The batch's shardings are its arrays' own (sharding.global_batch: with or without a length
+  # axis); the steps are traced under the mesh and rules (context parallelism reads them).
+  traced = functools.partial(sharding.traced_under, mesh, rules)
+  train_step = jax.jit(traced(make_train_step(config, task, tx, graphdef, teacher_graphdef)),
+                       in_shardings=(shardings, None, *teacher_shardings),
                        out_shardings=(shardings, replicated, replicated), donate_argnums=0)
   eval_steps = {
-      prefix: jax.jit(make_eval_step(task, _split(nnx.eval_shape(lambda kw=kw: build(kw)))[0]),
-                      in_shardings=(shardings.params, shardings.model_state, batch_sharding,
+      prefix: jax.jit(traced(make_eval_step(task,
+                                            _split(nnx.eval_shape(lambda kw=kw: build(kw)))[0])),
+                      in_shardings=(shardings.params, shardings.model_state, None,
                                     eval_memory_shardings),
                       out_shardings=(replicated, eval_memory_shardings))
       for prefix, kw in eval_attention_kws(config).items()}
