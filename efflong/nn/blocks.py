@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import ml_collections
 from flax import nnx
 
@@ -15,6 +16,26 @@ from efflong.nn.layers import dropout, layer_norm
 from efflong.params import Dtype
 
 LayerCache = dict  # a layer's decoding cache: {'self': family cache, 'cross'?: {k, v, segment_ids}}
+
+# The block's input [B, T, D], named (jax.ad_checkpoint.checkpoint_name) inside the checkpointed
+# block: under remat the one per-block residual the backward recomputes the block from.
+BLOCK_IN = 'block_in'
+
+# model.remat -> the jax.checkpoint policy each block runs under (None: no checkpoint): what the
+# forward pass keeps for the backward; everything else is recomputed from the block's input.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    # Matmul outputs without batch dimensions (the projections and the feed-forward), not the
+    # attention scores [B, N, T, S] (their dot_general has batch dimensions B, N).
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # 'full' with the block's input copied to host memory in the forward and back for the
+    # backward: no per-block activation stays on the device (it saves device memory where the
+    # backend has a separate host memory: GPU, TPU).
+    'offload': jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_IN],
+        offload_src='device', offload_dst='pinned_host'),
+}
 
 
 class Block(nnx.Module):
@@ -148,7 +169,11 @@ class Block(nnx.Module):
 
 
 class Stack(nnx.Module):
-  """num_layers blocks, with a final norm for pre-LN stacks; max_len: the longest input."""
+  """num_layers blocks, with a final norm for pre-LN stacks; max_len: the longest input.
+
+  model.remat runs each block under jax.checkpoint with REMAT_POLICIES[remat] (training memory:
+  activations kept per block instead of every intermediate; decoding is not affected).
+  """
 
   NORMS = ('pre', 'post')
 
@@ -159,7 +184,13 @@ class Stack(nnx.Module):
     if cfg.reversible and cfg.norm != 'pre':
       raise errors.Error("model.reversible needs model.norm='pre' (a post-LN layer cannot be "
                          'inverted from its output).')
+    if cfg.remat not in REMAT_POLICIES:
+      raise errors.Error(f'unknown model.remat {cfg.remat!r}; valid: {list(REMAT_POLICIES)}.')
+    if cfg.reversible and cfg.remat != 'none':
+      raise errors.Error(f"model.remat={cfg.remat!r} needs model.reversible=False (the reversible "
+                         "stack already recomputes each layer in the backward; use remat='none').")
     self.reversible = cfg.reversible
+    self.remat = cfg.remat
     stack_modules = {}  # Family modules shared by all layers (e.g. Linformer's layerwise E).
     self.layers = nnx.List([Block(cfg, causal=causal, cross=cross, attention_kw=attention_kw,
                                   max_len=max_len, stack_modules=stack_modules, dtype=dtype,
@@ -186,13 +217,17 @@ class Stack(nnx.Module):
       x = (y1 + y2) / 2
       return x if self.final_norm is None else self.final_norm(x)
     inputs = []
+    call = lambda layer, x, kw: layer(x, **kw)
+    if REMAT_POLICIES[self.remat] is not None:
+      call = nnx.remat(lambda layer, x, kw: layer(checkpoint_name(x, BLOCK_IN), **kw),
+                       policy=REMAT_POLICIES[self.remat])
     for i, layer in enumerate(self.layers):
       inputs.append(x)
       layer_key = None if key is None else jax.random.fold_in(key, i)
-      x = layer(x, segment_ids=segment_ids, key=layer_key, global_tokens=global_tokens,
-                context=context, context_segment_ids=context_segment_ids,
-                memory=None if memory is None else memory[i],
-                memory_segment_ids=memory_segment_ids)
+      x = call(layer, x, dict(segment_ids=segment_ids, key=layer_key, global_tokens=global_tokens,
+                              context=context, context_segment_ids=context_segment_ids,
+                              memory=None if memory is None else memory[i],
+                              memory_segment_ids=memory_segment_ids))
     x = x if self.final_norm is None else self.final_norm(x)
     return x if memory is None else (x, jnp.stack(inputs))
 
