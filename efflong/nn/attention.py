@@ -140,12 +140,20 @@ class Attention(nnx.Module):
                          f'{axes} of {size} devices; T must be a multiple of {size}.')
     axis_name = axes[0] if len(axes) == 1 else axes
     split = P(None, axis_name)
-    spec = lambda x: (split if isinstance(x, jax.Array) and x.shape[:2] == q.shape[:2] else P())
-    twin = lambda q, k, v, mask, inputs: self.context_attend(q, k, v, mask=mask,
-                                                            axis_name=axis_name, **inputs)
+    spec = lambda x: split if x.shape[:2] == q.shape[:2] else P()
+    # The inputs' arrays enter the shard_map; the rest (e.g. a layer index) stays static.
+    leaves, tree = jax.tree.flatten(inputs)
+    arrays = [x for x in leaves if isinstance(x, jax.Array)]
+
+    def twin(q, k, v, mask, arrays):
+      given = iter(arrays)
+      inputs = jax.tree.unflatten(tree, [next(given) if isinstance(x, jax.Array) else x
+                                         for x in leaves])
+      return self.context_attend(q, k, v, mask=mask, axis_name=axis_name, **inputs)
+
     return jax.shard_map(twin, in_specs=(split, split, split, jax.tree.map(spec, mask),
-                                         jax.tree.map(spec, inputs)),
-                         out_specs=split, axis_names=set(axes))(q, k, v, mask, inputs)
+                                         [spec(x) for x in arrays]),
+                         out_specs=split, axis_names=set(axes))(q, k, v, mask, arrays)
 
   def init_cache(self, batch: int, max_len: int, *, mem_len: int | None = None,
                  segment_len: int | None = None, kv_dtype: str = 'float') -> dict[str, jax.Array]:

@@ -133,17 +133,20 @@ def _traced(mesh_shape: dict[str, int], fn, *arrays):
           *(batch[i] for i in range(len(arrays))))
 
 
-def test_layer_dispatch_splits_the_length():
+@pytest.mark.parametrize('family,kw', [
+    ('dense', {}), ('bigbird', dict(block=4, random_blocks=1, global_tokens=1))])
+def test_layer_dispatch_splits_the_length(family, kw):
   """The layer under a mesh with context 4 (and data 2) equals the layer without one, and its
-  lowered program passes key/value blocks around the ring (collective-permute)."""
-  layer = _layer('dense')
+  lowered program passes the length's blocks between devices (a ring, or an all-gather)."""
+  layer = _layer(family, **kw)
   x = jax.random.normal(jax.random.key(1), (B, 32, 16))
   seg = segments('runs', B, 32, runs=((9, 20), (31,)))
   run = lambda x, seg: layer(x, segment_ids=seg)
   want = jax.jit(run)(x, seg)
   traced, x, seg = _traced(dict(data=2, context=4), run, x, seg)
-  close(traced(x, seg), want, 'layer with context=4')
-  assert 'collective_permute' in traced.lower(x, seg).as_text()
+  close(traced(x, seg), want, f'{family} layer with context=4')
+  text = traced.lower(x, seg).as_text()
+  assert ('collective_permute' if family == 'dense' else 'all_gather') in text
 
 
 @pytest.mark.parametrize('family', ['xl', 'linformer'])
