@@ -120,100 +120,76 @@ def _positions(spec: _Ring, block: jax.Array, t: int) -> jax.Array:
   return jnp.concatenate([block * c + chunk, (2 * r - 1 - block) * c + chunk])[None]
 
 
-def _allowed(spec: _Ring, q_pos: jax.Array, q_seg: jax.Array | None, k_pos: jax.Array,
-             k_seg: jax.Array | None, heads: int) -> jax.Array:
+def _allowed(spec: _Ring, causal: bool, q_pos: jax.Array, q_seg: jax.Array | None,
+             k_pos: jax.Array, k_seg: jax.Array | None, heads: int) -> jax.Array:
   """[B|1, N|1, Tq, Sk] visibility of a key block to a query block (global positions [1, .])."""
   seg = lambda ids, axis: None if ids is None else jnp.expand_dims(ids, axis)
   # Global positions of one sequence (T == S): no causal offset, hence equal lengths.
-  ok = Mask(causal=spec.causal).allowed(q_pos[:, :, None], k_pos[:, None, :], seg(q_seg, 2),
-                                        seg(k_seg, 1), 0, 0)[:, None]
+  ok = Mask(causal=causal).allowed(q_pos[:, :, None], k_pos[:, None, :], seg(q_seg, 2),
+                                   seg(k_seg, 1), 0, 0)[:, None]
   if spec.pattern is not None:
     ok = ok & spec.pattern(q_pos[:, None, :, None], k_pos[:, None, None, :],
                            jnp.arange(heads)[None, :, None, None])
   return ok
 
 
-def _block_forward(spec: _Ring, rows: tuple, cols: tuple) -> tuple[tuple, tuple]:
-  """One query block against one key block: ((out, lse), ()) as dense.attend_allowed gives."""
+def _block(spec: _Ring, causal: bool, rows: tuple, cols: tuple) -> tuple[jax.Array, jax.Array]:
+  """One query block against one key block, differentiable: (out [B, Tq, N, H] float32, lse
+  [B, Tq, N]) as dense.attend_allowed gives them; causal: apply the causal mask."""
   q, q_pos, q_seg = rows
   k, v, k_seg, k_pos = cols
-  allowed = _allowed(spec, q_pos, q_seg, k_pos, k_seg, q.shape[2])
-  return dense.attend_allowed(q, k, v, allowed, spec.scale), ()
+  allowed = _allowed(spec, causal, q_pos, q_seg, k_pos, k_seg, q.shape[2])
+  return dense.attend_allowed(q, k, v, allowed, spec.scale)
 
 
-def _block_backward(spec: _Ring, rows: tuple, cols: tuple) -> tuple[tuple, tuple]:
-  """The gradients of one block pair: ((dq,), (dk, dv)), from the global log-sum-exp.
-
-  With p = exp(s - lse) the softmax probabilities and delta = rowsum(dout * out):
-  dv = p^T dout, ds = p * (dout v^T - delta), dq = ds k * scale, dk = ds^T q * scale
-  (FlashAttention-2, Dao 2023, Alg. 2).
-  """
-  q, q_pos, q_seg, dout, lse, delta = rows
-  k, v, k_seg, k_pos = cols
-  b, t, n, h = q.shape
-  kh = k.shape[2]
-  allowed = _allowed(spec, q_pos, q_seg, k_pos, k_seg, n)
-  allowed = allowed.reshape(allowed.shape[0], *((kh, n // kh) if allowed.shape[1] == n
-                                                else (1, 1)), *allowed.shape[2:])
-  group = lambda x: x.reshape(b, t, kh, n // kh, h)                                 # [B,T,K,G,H]
-  rowwise = lambda x: jnp.moveaxis(x.reshape(b, t, kh, n // kh), 1, 3)[..., None]   # [B,K,G,T,1]
-  qg, dog = group(q), group(dout.astype(jnp.float32))
-  logits = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32) * spec.scale
-  p = jnp.exp(jnp.where(allowed, logits - rowwise(lse), -jnp.inf))
-  dv = jnp.einsum('BKGTS,BTKGH->BSKH', p, dog)
-  ds = p * (jnp.einsum('BTKGH,BSKH->BKGTS', dog, v, preferred_element_type=jnp.float32)
-            - rowwise(delta))
-  dq = jnp.einsum('BKGTS,BSKH->BTKGH', ds, k, preferred_element_type=jnp.float32) * spec.scale
-  dk = jnp.einsum('BKGTS,BTKGH->BSKH', ds, qg, preferred_element_type=jnp.float32) * spec.scale
-  return (dq.reshape(b, t, n, h),), (dk, dv)
-
-
-def _cases(spec: _Ring, t: int) -> list[tuple[slice, slice]]:
-  """The (query rows, key columns) of a block pair each case computes; see _case."""
+def _cases(spec: _Ring, t: int) -> list[tuple[slice, slice, bool]]:
+  """(query rows, key columns, causal mask) of a block pair in each case; see _case."""
   every = slice(0, t)
   if not spec.causal:
-    return [(every, every)]
+    return [(every, every, False)]
   if not spec.zigzag:
-    return [(every, every), (slice(0, 0), every)]   # the diagonal or earlier; a future block
+    return [(every, every, True), (every, every, False), (slice(0, 0), every, False)]
   c = t // 2
-  return [(every, every), (every, slice(0, c)), (slice(c, t), every)]
+  return [(every, every, True), (every, slice(0, c), False), (slice(c, t), every, False)]
 
 
 def _case(spec: _Ring, me: jax.Array, block: jax.Array) -> jax.Array:
   """Which of _cases a device's queries and the key block of device `block` need.
 
-  Causal, contiguous: the diagonal or an earlier block (all, masked), or a later one (nothing).
-  Causal, zig-zag: the diagonal (all, masked); an earlier device's block: all queries against
-  its first chunk (its second is after both of ours); a later device's block: our second query
-  chunk against all of it (both its chunks are before our second and after our first).
+  Bidirectional: every pair. Causal: the diagonal, masked (case 0); an earlier device's block
+  (case 1): contiguous, all of it, unmasked; zig-zag, all our queries against its first chunk
+  (its second chunk is after both of ours); a later device's block (case 2): contiguous, nothing;
+  zig-zag, our second query chunk against all of it (both its chunks are before our second and
+  after our first).
   """
   if not spec.causal:
     return jnp.int32(0)
-  if not spec.zigzag:
-    return (block > me).astype(jnp.int32)
   return jnp.where(block == me, 0, jnp.where(block < me, 1, 2))
 
 
-def _visit(fn: Callable[..., tuple[tuple, tuple]], spec: _Ring, case: jax.Array, rows: tuple,
-           cols: tuple, row_fills: tuple[float, ...]) -> tuple[tuple, tuple]:
-  """fn on the (rows, columns) part `case` selects, its results padded back to the whole block:
-  the row results (along the queries) with row_fills, the column ones (along the keys) with 0."""
+def _visit(spec: _Ring, me: jax.Array, block: jax.Array, rows: tuple,
+           cols: tuple) -> tuple[jax.Array, jax.Array]:
+  """(out, lse) of this device's queries over the key block of device `block`: _block on the part
+  _case selects (a lax.switch: the rest is not computed), padded back to every query row (out 0,
+  lse NEG_INF where a row was not computed)."""
   t = rows[0].shape[1]
 
-  def part(rs: slice, cs: slice) -> Callable[[tuple, tuple], tuple[tuple, tuple]]:
+  def part(rs: slice, cs: slice, causal: bool) -> Callable[[tuple, tuple], tuple]:
     def run(rows, cols):
+      if rs.start == rs.stop:  # nothing to compute
+        return jnp.zeros_like(rows[0], jnp.float32), jnp.full_like(rows[0][..., 0], NEG_INF,
+                                                                   jnp.float32)
       cut = lambda tree, sl: jax.tree.map(lambda x: x[:, sl], tree)
-      row_out, col_out = fn(spec, cut(rows, rs), cut(cols, cs))
-      pad = lambda x, sl, fill: jnp.pad(x, [(0, 0), (sl.start, t - sl.stop)] + [(0, 0)] *
-                                        (x.ndim - 2), constant_values=fill)
-      return (tuple(pad(x, rs, f) for x, f in zip(row_out, row_fills)),
-              tuple(pad(x, cs, 0) for x in col_out))
+      out, lse = _block(spec, causal, cut(rows, rs), cut(cols, cs))
+      pad = lambda x, fill: jnp.pad(x, [(0, 0), (rs.start, t - rs.stop)] + [(0, 0)] *
+                                    (x.ndim - 2), constant_values=fill)
+      return pad(out, 0.0), pad(lse, NEG_INF)
     return run
 
   branches = [part(*c) for c in _cases(spec, t)]
   if len(branches) == 1:
     return branches[0](rows, cols)
-  return jax.lax.switch(case, branches, rows, cols)
+  return jax.lax.switch(_case(spec, me, block), branches, rows, cols)
 
 
 def _shift(tree: Any, axis_name: AxisName) -> Any:
@@ -228,10 +204,7 @@ def _ring_forward(spec: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, q_seg: 
   r, me = jax.lax.axis_size(spec.axis_name), jax.lax.axis_index(spec.axis_name)
   t = q.shape[1]
   rows = (q, _positions(spec, me, t), q_seg)
-
-  def visit(block, kv):
-    return _visit(_block_forward, spec, _case(spec, me, block), rows,
-                  (*kv, _positions(spec, block, t)), (0.0, NEG_INF))[0]
+  visit = lambda block, kv: _visit(spec, me, block, rows, (*kv, _positions(spec, block, t)))
 
   def step(s, carry):
     acc, kv = carry
@@ -252,34 +225,40 @@ def _ring(spec: _Ring, q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Arra
 
 def _ring_fwd(spec, q, k, v, q_seg, kv_seg):
   out, lse = _ring_forward(spec, q, k, v, q_seg, kv_seg)
-  out = out.astype(q.dtype)
-  return out, (q, k, v, q_seg, kv_seg, out, lse)
+  return out.astype(q.dtype), (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _ring_bwd(spec, residuals, dout):
   """The ring again: each key block travels with its gradients dk, dv, which come home after R
-  hops (the last hop carries them alone)."""
+  hops (the last hop carries them alone).
+
+  A block's part (out_b, lse_b) enters the output as out = sum_b w_b out_b with w_b =
+  exp(lse_b - lse) (blocksparse.merge), so its cotangents are w_b dout for out_b and
+  w_b dout . (out_b - out) for lse_b; the block's own VJP (recomputed, one block at a time) turns
+  them into dq, dk, dv.
+  """
   q, k, v, q_seg, kv_seg, out, lse = residuals
   r, me = jax.lax.axis_size(spec.axis_name), jax.lax.axis_index(spec.axis_name)
   t = q.shape[1]
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, N]
-  rows = (q, _positions(spec, me, t), q_seg, dout, lse, delta)
+  q_pos, dout = _positions(spec, me, t), dout.astype(jnp.float32)
 
-  def visit(block, kv):
-    (dq,), dkv = _visit(_block_backward, spec, _case(spec, me, block), rows,
-                        (*kv, _positions(spec, block, t)), (0.0,))
-    return dq, dkv
+  def grads(block, k, v, kv_seg):
+    part = lambda q, k, v: _visit(spec, me, block, (q, q_pos, q_seg),
+                                  (k, v, kv_seg, _positions(spec, block, t)))
+    (out_b, lse_b), pullback = jax.vjp(part, q, k, v)
+    w = jnp.exp(lse_b - lse)
+    return pullback((w[..., None] * dout, w * jnp.sum(dout * (out_b - out), axis=-1)))
 
   def step(s, carry):
     dq, kv, dkv = carry
-    kv, dkv = _shift((kv, dkv), spec.axis_name)
-    dq_s, dkv_s = visit((me - s) % r, kv)
-    return dq + dq_s, kv, jax.tree.map(jnp.add, dkv, dkv_s)
+    kv, dkv = _shift((kv, dkv), spec.axis_name)  # the block of device me - s, and its gradients
+    dq_s, *dkv_s = grads((me - s) % r, *kv)
+    return dq + dq_s, kv, jax.tree.map(jnp.add, dkv, tuple(dkv_s))
 
-  kv = (k, v, kv_seg)
-  dq, dkv = visit(me, kv)
-  dq, _, dkv = jax.lax.fori_loop(1, r, step, (dq, kv, dkv))
-  dk, dv = _shift(dkv, spec.axis_name)
+  f32 = lambda *xs: tuple(x.astype(jnp.float32) for x in xs)
+  dq, dk, dv = f32(*grads(me, k, v, kv_seg))
+  dq, _, (dk, dv) = jax.lax.fori_loop(1, r, step, (dq, (k, v, kv_seg), (dk, dv)))
+  dk, dv = _shift((dk, dv), spec.axis_name)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
 
 
