@@ -5,6 +5,7 @@ distillation teacher, efflong.infer.generate.load_model)."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import grain
@@ -35,12 +36,25 @@ class Checkpoints:
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)))
 
   def restore(self, step: int, abstract_state: Any, shardings: Any,
-              data_iter: grain.DatasetIterator) -> Any:
-    """Restores the state into `shardings`, and the data iterator in place."""
-    target = sharded(abstract_state, shardings)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored.state
+              data_iter: grain.DatasetIterator) -> tuple[Any, str]:
+    """(the state restored into `shardings`, a note); the data iterator is restored in place.
+
+    The state restores onto any mesh and number of processes (orbax reads each array into its
+    target sharding). The data iterators were saved one per process; with another number of
+    processes (each reading other shards of the data) they are not restored, the data starts
+    afresh, and the note (else '') says so.
+    """
+    items = {'state': ocp.args.StandardRestore(sharded(abstract_state, shardings))}
+    counts = sorted({int(re.fullmatch(r'process_\d+-of-(\d+)\.json', name).group(1))
+                     for name in os.listdir(os.path.join(self.directory, str(step), 'data'))
+                     if name.endswith('.json')})
+    note = ''
+    if jax.process_count() in counts:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    else:
+      note = (f'; its data position was saved by {" or ".join(map(str, counts))} process(es), '
+              f'this run has {jax.process_count()}: the data starts afresh')
+    return self.manager.restore(step, args=ocp.args.Composite(**items)).state, note
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

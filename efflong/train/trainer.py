@@ -126,9 +126,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, task: tasks.Task, graphdef: 
 
 def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
                     tx: optax.GradientTransformation, graphdef: nnx.GraphDef,
-                    teacher_graphdef: nnx.GraphDef | None = None):
+                    teacher_graphdef: nnx.GraphDef | None = None, opt_on_device: Any = None):
   """(state, batch, teacher=None) -> (state, metric sums, {grad_norm, learning_rate, finite});
-  teacher as make_loss_fn takes it."""
+  teacher as make_loss_fn takes it. opt_on_device: the optimizer state's shardings in device
+  memory, where the step moves it first (it arrives from host memory: train.offload_optimizer);
+  None: it is on the device already."""
   accum = config.train.grad_accum_steps
   dropout_key = jax.random.key(config.seed + 1)
   hook_key = jax.random.key(config.seed + 2)  # The attention families' per-step draws.
@@ -161,12 +163,14 @@ def make_train_step(config: ml_collections.ConfigDict, task: tasks.Task,
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    old_opt_state = (state.opt_state if opt_on_device is None else
+                     jax.device_put(state.opt_state, opt_on_device))
+    updates, opt_state = tx.update(grads, old_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite step leaves parameters and optimizer state as they were.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                          opt_state=keep(opt_state, state.opt_state),
+                          opt_state=keep(opt_state, old_opt_state),
                           memory=keep(memory, state.memory))
     scalars = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr_schedule(state.step - 1),
                'finite': finite}
@@ -256,6 +260,19 @@ class Setup:
   teacher: Teacher | None = None  # distillation (config.distill): the teacher's restored variables
 
 
+HOST_MEMORY = 'pinned_host'
+
+
+def check_host_memory(devices: Any) -> None:
+  """Raises a one-line errors.Error unless every device can address host memory (HOST_MEMORY),
+  where train.offload_optimizer keeps the optimizer state."""
+  for device in devices:
+    kinds = [m.kind for m in device.addressable_memories()]
+    if HOST_MEMORY not in kinds:
+      raise errors.Error(f'train.offload_optimizer=True needs {HOST_MEMORY!r} memory; the '
+                         f'{device.platform} backend\'s devices have {kinds}.')
+
+
 def load_teacher(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                  ) -> tuple[nnx.GraphDef, Teacher]:
   """The distillation teacher of config.distill.teacher_workdir: its model graph, with its own
@@ -301,6 +318,12 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   shardings = sharding.state_shardings(abstract, mesh, rules).replace(
       memory=_memory_shardings(abs_memory, batch_sharding))
   abstract = abstract.replace(memory=abs_memory)
+  opt_on_device = None
+  if config.train.offload_optimizer:  # host memory between steps; each step moves it in and out
+    check_host_memory(mesh.devices.flat)
+    in_memory = lambda kind: jax.tree.map(lambda s: s.with_memory_kind(kind), shardings.opt_state)
+    opt_on_device = in_memory('device')
+    shardings = shardings.replace(opt_state=in_memory(HOST_MEMORY))
 
   def start(params: nnx.State, model_state: nnx.State) -> TrainState:
     # The optimizer state is made from these parameters (a pruning mask is computed from them),
@@ -323,7 +346,8 @@ def setup(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = 
   # The batch's shardings are its arrays' own (sharding.global_batch: with or without a length
   # axis); the steps are traced under the mesh and rules (context parallelism reads them).
   traced = functools.partial(sharding.traced_under, mesh, rules)
-  train_step = jax.jit(traced(make_train_step(config, task, tx, graphdef, teacher_graphdef)),
+  train_step = jax.jit(traced(make_train_step(config, task, tx, graphdef, teacher_graphdef,
+                                              opt_on_device)),
                        in_shardings=(shardings, None, *teacher_shardings),
                        out_shardings=(shardings, replicated, replicated), donate_argnums=0)
   eval_steps = {
@@ -342,7 +366,7 @@ def initial_state(config: ml_collections.ConfigDict, run: Setup, ckpts: Checkpoi
   """The state a run starts from, and a line saying where from (None: a fresh init).
 
   This run's own latest checkpoint, with data_iter restored in place (a resume: train.init_from is
-  then not read); else, with config.train.init_from, the latest parameters and model state of that
+  then not read; on another number of processes the data starts afresh, Checkpoints.restore); else, with config.train.init_from, the latest parameters and model state of that
   run, restored directly into this run's shardings, with a fresh optimizer state made from them and
   step 0 (the data starts afresh too); else run.init().
 
@@ -352,8 +376,8 @@ def initial_state(config: ml_collections.ConfigDict, run: Setup, ckpts: Checkpoi
   start, init_from = ckpts.latest_step(), config.train.init_from
   if start is not None:
     ignored = f' (train.init_from={init_from!r} is not read on a resume)' if init_from else ''
-    return (ckpts.restore(start, run.abstract, run.shardings, data_iter),
-            f'Resumed from the checkpoint at step {start} in {ckpts.directory}{ignored}.')
+    state, note = ckpts.restore(start, run.abstract, run.shardings, data_iter)
+    return state, f'Resumed from the checkpoint at step {start} in {ckpts.directory}{note}{ignored}.'
   if not init_from:
     return run.init(), None
   target = checkpoint.sharded(
