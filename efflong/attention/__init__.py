@@ -26,8 +26,8 @@ from typing import Any, Callable
 import jax
 
 from efflong import errors, kernels
-from efflong.attention import (bigbird, dense, linear, linformer, local, longformer, lsh,
-                               performer, relative, ring, sparse)
+from efflong.attention import (bigbird, context, dense, linear, linformer, local, longformer,
+                               lsh, performer, relative, ring, sparse)
 from efflong.mask import Mask
 
 AttendFn = Callable[..., Any]
@@ -313,10 +313,10 @@ def before_step(model: Any, key: Any, step: Any) -> None:
 register(Family('dense', dense.attend, init_cache=dense.init_cache,
                 attend_step=dense.attend_step, context=ring.attend))
 register(Family('local', local.attend, init_cache=local.init_cache,
-                attend_step=local.attend_step))
+                attend_step=local.attend_step, context=context.local_attend))
 register(Family('longformer', longformer.attend, inputs=('global_qkv',),
                 module=longformer.global_projections, init_cache=longformer.init_cache,
-                attend_step=longformer.attend_step))
+                attend_step=longformer.attend_step, context=context.longformer_attend))
 register(Family('strided', sparse.strided, init_cache=dense.init_cache,
                 attend_step=sparse.strided_step, context=ring.strided))
 register(Family('fixed', sparse.fixed, init_cache=dense.init_cache, attend_step=sparse.fixed_step,
@@ -325,12 +325,14 @@ register(Family('bigbird', bigbird.attend, inputs=('layer',), module=bigbird.lay
                 init_cache=dense.init_cache, attend_step=bigbird.attend_step,
                 context=ring.bigbird_gathered))
 register(Family('linear', linear.attend, init_cache=linear.init_cache,
-                attend_step=linear.attend_step))
+                attend_step=linear.attend_step, context=context.linear_attend))
 register(Family('performer', performer.attend, inputs=('projection',),
                 module=performer.feature_matrix, before_step=performer.redraw,
-                init_cache=performer.init_cache, attend_step=performer.attend_step))
+                init_cache=performer.init_cache, attend_step=performer.attend_step,
+                context=context.performer_attend))
 register(Family('lsh', lsh.attend, inputs=('rng',), module=lsh.hash_rng, before_step=lsh.reseed,
-                shared_qk=True, init_cache=lsh.init_cache, attend_step=lsh.attend_step))
+                shared_qk=True, init_cache=lsh.init_cache, attend_step=lsh.attend_step,
+                context_why=context.LSH_WHY))
 register(Family('xl', relative.attend, inputs=('pos_proj', 'content_bias', 'pos_bias'),
                 module=relative.relative_params, memory=True, init_cache=relative.init_cache,
                 attend_step=relative.attend_step,
