@@ -8,8 +8,9 @@ Ring (dense, strided, fixed): each device keeps its queries and passes its key/v
 keys' segment ids) to the next device with `jax.lax.ppermute`, R - 1 times; the partial softmaxes
 over the blocks it sees are merged by their log-sum-exp (`blocksparse.merge`, Milakov & Gimelshein
 2018). A block's mask is `Mask.allowed` on global positions, and for strided / fixed also the
-family's elementwise pattern (Child et al. 2019, Sec. 4.2): exact, with memory O(T_local^2) per
-step, but every block is computed densely (the sparsity saves nothing across devices).
+family's elementwise pattern (Child et al. 2019, Sec. 4.2): exact, but every block is computed
+densely (the sparsity saves nothing across devices). Within a block pair the queries go in chunks
+whose logits stay under CHUNK_LOGITS per head, each rematerialized (`_block`).
 
 Causal, the work is balanced by a zig-zag order when T_local is even: the length is cut into 2R
 chunks and device r holds chunks r and 2R-1-r (Brandon et al. 2023, "striped" / zig-zag), put
@@ -24,9 +25,10 @@ one: unbalanced).
 
 Backward (a custom_vjp, as the ring attention paper does): the forward saves only this device's
 q, k, v, the output and the log-sum-exp; the backward passes the key/value block around the ring
-again, now with its gradient accumulators dk, dv, which arrive home after R hops. Memory per device
-is O(T_local) saved plus one block's O(T_local^2) logits; autodiff through the loop would save
-every step's key/value block (O(T) per device, the all-gather's cost) and its probabilities.
+again, now with its gradient accumulators dk, dv, which arrive home after R hops, and recomputes
+each block pair's part through its own VJP. Memory per device is O(T_local) plus one chunk's
+logits; autodiff through the loop would instead save every step's key/value block (O(T) per
+device, the all-gather's cost).
 
 BigBird's random blocks and global tokens are not elementwise in positions; its twin all-gathers
 q, k, v and the mask over the ring and runs bigbird.attend on the whole length, keeping this
@@ -133,13 +135,36 @@ def _allowed(spec: _Ring, causal: bool, q_pos: jax.Array, q_seg: jax.Array | Non
   return ok
 
 
-def _block(spec: _Ring, causal: bool, rows: tuple, cols: tuple) -> tuple[jax.Array, jax.Array]:
-  """One query block against one key block, differentiable: (out [B, Tq, N, H] float32, lse
-  [B, Tq, N]) as dense.attend_allowed gives them; causal: apply the causal mask."""
+# A chunk of queries holds at most this many logits per head (C x S_k, C a divisor of T_q): the
+# ring's largest temporaries, whatever T_local (a bound, not a tile size: C is 8 at T_local = 32K).
+CHUNK_LOGITS = 2**18
+
+
+def _explicit(spec: _Ring, causal: bool, rows: tuple, cols: tuple) -> tuple[jax.Array, jax.Array]:
+  """Queries against a key block with the explicit logits (dense.attend_allowed)."""
   q, q_pos, q_seg = rows
   k, v, k_seg, k_pos = cols
   allowed = _allowed(spec, causal, q_pos, q_seg, k_pos, k_seg, q.shape[2])
   return dense.attend_allowed(q, k, v, allowed, spec.scale)
+
+
+def _block(spec: _Ring, causal: bool, rows: tuple, cols: tuple) -> tuple[jax.Array, jax.Array]:
+  """One query block against one key block, differentiable: (out [B, Tq, N, H] float32, lse
+  [B, Tq, N]); causal: apply the causal mask.
+
+  The queries go in chunks of C, the largest divisor of Tq with C x S_k <= CHUNK_LOGITS (or 1),
+  each under jax.checkpoint: a chunk's logits are the only large temporaries, and its VJP
+  recomputes them (memory O(T_local) per device besides).
+  """
+  tq, sk = rows[0].shape[1], cols[0].shape[1]
+  c = max(d for d in range(1, tq + 1) if tq % d == 0 and d * sk <= max(CHUNK_LOGITS, sk))
+  if c == tq:
+    return _explicit(spec, causal, rows, cols)
+  split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], tq // c, c, *x.shape[2:]), 1, 0)
+  chunk = jax.checkpoint(lambda rows: _explicit(spec, causal, rows, cols))
+  out, lse = jax.lax.map(chunk, jax.tree.map(split, rows))     # [Tq / C, B, C, N, ...]
+  join = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], tq, *x.shape[3:])
+  return join(out), join(lse)
 
 
 def _cases(spec: _Ring, t: int) -> list[tuple[slice, slice, bool]]:

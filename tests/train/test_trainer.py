@@ -28,9 +28,11 @@ def losses(workdir) -> dict[int, float]:
 
 
 def test_one_device_equals_eight(tmp_path):
-  """data=4 x model=2 over 8 devices gives the losses of 1 device (dropout on, 8 steps)."""
+  """data=4 x model=2 over 8 devices, and data=2 x context=4 (the length split over 4 devices: ring
+  attention), give the losses of 1 device (dropout on, 8 steps)."""
   results = []
-  for mesh in (dict(data=1, fsdp=1, model=1), dict(data=4, fsdp=1, model=2)):
+  for mesh in (dict(data=1, fsdp=1, model=1), dict(data=4, fsdp=1, model=2),
+               dict(data=2, fsdp=1, context=4, model=1)):
     config = smoke_config(steps=8, dropout_rate=0.1)
     with config.unlocked():
       config.mesh.update(mesh)
@@ -39,7 +41,8 @@ def test_one_device_equals_eight(tmp_path):
     results.append(losses(workdir))
   assert len(jax.devices()) == 8
   assert results[0].keys() == set(range(1, 9))
-  np.testing.assert_allclose(list(results[0].values()), list(results[1].values()), rtol=2e-5)
+  for other in results[1:]:
+    np.testing.assert_allclose(list(other.values()), list(results[0].values()), rtol=2e-5)
 
 
 class _SignalAt:
