@@ -114,8 +114,8 @@ class Family:
     if self.context is not None:
       twin, full = _keyword_defaults(self.context), _keyword_defaults(self.attend)
       if twin.pop('axis_name', None) is not inspect.Parameter.empty or twin != full:
-        raise errors.Error(f'attention {self.name!r}: its context twin must take attend\'s keywords '
-                           f'{full} and axis_name (no default); it takes '
+        raise errors.Error(f'attention {self.name!r}: its context twin must take attend\'s '
+                           f'keywords {full} and axis_name (no default); it takes '
                            f'{_keyword_defaults(self.context)}.')
 
   @property

@@ -385,8 +385,8 @@ def gathered(attend_fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     return jax.lax.dynamic_slice_in_dim(out, jax.lax.axis_index(axis_name) * t, t, axis=1)
 
   signature = inspect.signature(attend_fn)
-  twin.__signature__ = signature.replace(parameters=[
-      *signature.parameters.values(), inspect.Parameter('axis_name', inspect.Parameter.KEYWORD_ONLY)])
+  axis_name = inspect.Parameter('axis_name', inspect.Parameter.KEYWORD_ONLY)
+  twin.__signature__ = signature.replace(parameters=[*signature.parameters.values(), axis_name])
   return twin
 
 

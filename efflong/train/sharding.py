@@ -49,6 +49,11 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | No
   return Mesh(grid, MESH_AXES)
 
 
+def axes_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
+  """The number of devices along a PartitionSpec entry (one mesh axis, several, or None)."""
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
 def logical_spec(names: Sequence[str | None], rules: Rules) -> P:
   """Logical axis names -> PartitionSpec by the rules table (an unlisted name is replicated)."""
   table = dict(rules)
@@ -66,7 +71,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
 
   def check(path, leaf, spec):
     for dim, axes in zip(leaf.shape, spec):
-      size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+      size = axes_size(mesh, axes)
       if dim % size:
         raise errors.Error(f'{jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be sharded '
                            f'as {spec} over mesh {dict(mesh.shape)}: {dim} is not divisible by '
@@ -87,8 +92,7 @@ def array_sharding(sharding: NamedSharding, shape: Sequence[int]) -> NamedShardi
   axes do not divide (e.g. a classifier's label slots) are split over the batch only."""
   spec = sharding.spec
   axes = spec[1] if len(spec) > 1 else None
-  size = math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-  if len(shape) < 2 or shape[1] % size:
+  if len(shape) < 2 or shape[1] % axes_size(sharding.mesh, axes):
     spec = P(*spec[:1])
   return NamedSharding(sharding.mesh, spec)
 
