@@ -7,7 +7,8 @@
 #   ./launch.sh bench <script> [args]    a benchmark under experiments/bench/
 #   ./launch.sh generate --workdir=<run> --prompt='...' [flags]   continue a prompt (efflong.infer.generate)
 #   ./launch.sh compress --workdir=<run> --out=<dir> --method=M [flags]   (efflong.compress.cli)
-#   ./launch.sh multi N [flags]          N training processes on this host (jax.distributed)
+#   ./launch.sh multi N [flags]          N training processes on this host (jax.distributed); a lost
+#                                        one stops the others (train.distributed_timeout_s)
 # On SLURM, `srun ./launch.sh [flags]` runs one process per task; each joins jax.distributed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -57,9 +58,12 @@ case "${1:-train}" in
     n=${1:?usage: ./launch.sh multi N [flags]}; shift
     port=$((20000 + RANDOM % 20000))
     pids=()
+    # A process that fails says so in one line (which one, and its status); the others stop within
+    # --config.train.distributed_timeout_s, naming it (efflong.main), or at once when it is 0.
     for ((i = 0; i < n; i++)); do
-      JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" EFFLONG_NUM_PROCESSES=$n EFFLONG_PROCESS_ID=$i \
-        "$PY" -m efflong.main --distributed "$@" &
+      (JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" EFFLONG_NUM_PROCESSES=$n EFFLONG_PROCESS_ID=$i \
+         "$PY" -m efflong.main --distributed "$@" \
+         || { s=$?; echo "launch.sh: process $i of $n exited with status $s" >&2; exit $s; }) &
       pids+=($!)
     done
     status=0

@@ -153,6 +153,8 @@ def base(task_name: str) -> ml_collections.ConfigDict:
       l1=0.0,                     # L1 penalty on the kernels (efflong.compress.prune); 0: none
       init_from='',               # a run's workdir: start (not resume) from its latest parameters
       offload_optimizer=False,    # optimizer state in host memory (pinned_host) between steps
+      distributed_timeout_s=100,  # several processes: one silent this long is lost, and the others
+                                  # stop naming it (efflong.main; relaunch to resume)
   ))
   c.eval = ml_collections.ConfigDict(dict(steps=4, batch_size=32))
   c.eval.attention_kw = attention_defaults('dense', inherit=True)
