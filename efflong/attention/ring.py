@@ -13,15 +13,15 @@ densely (the sparsity saves nothing across devices). Within a block pair the que
 whose logits stay under CHUNK_LOGITS per head, each rematerialized (`_block`).
 
 Causal, the work is balanced by a zig-zag order when T_local is even: the length is cut into 2R
-chunks and device r holds chunks r and 2R-1-r (Brandon et al. 2023, "striped" / zig-zag), put
-there by two ppermutes of half blocks on the way in and undone on the way out (a global
-permutation of the length axis, applied by the twin itself). Then at every step s > 0 a device
-computes exactly half a block: all its queries against the key block's first chunk (the key block
-comes from an earlier device) or its second query chunk against the whole key block (a later
-device); the diagonal step is one masked block. The choice is a `lax.switch` on the device's index,
-so the skipped half is not computed. With T_local odd the blocks stay contiguous and a key block
-wholly in the future is skipped by the same switch (the last device then does R blocks, the first
-one: unbalanced).
+chunks and device r holds chunks r and 2R-1-r (the zig-zag of Megatron-LM's context parallelism;
+Brandon et al. 2023 balance by striping tokens instead), put there by two ppermutes of half
+blocks on the way in and undone on the way out (a global permutation of the length axis, applied
+by the twin itself). Then at every step s > 0 a device computes exactly half a block: all its
+queries against the key block's first chunk (the key block comes from an earlier device) or its
+second query chunk against the whole key block (a later device); the diagonal step is one masked
+block. The choice is a `lax.switch` on the device's index, so the skipped half is not computed.
+With T_local odd the blocks stay contiguous and a key block wholly in the future is skipped by the
+same switch (the last device then does R blocks, the first one: unbalanced).
 
 Backward (a custom_vjp, as the ring attention paper does): the forward saves only this device's
 q, k, v, the output and the log-sum-exp; the backward passes the key/value block around the ring
@@ -29,6 +29,11 @@ again, now with its gradient accumulators dk, dv, which arrive home after R hops
 each block pair's part through its own VJP. Memory per device is O(T_local) plus one chunk's
 logits; autodiff through the loop would instead save every step's key/value block (O(T) per
 device, the all-gather's cost).
+
+Bytes one device sends per layer and call (n = T_local, e = bytes per key/value element, 4 for a
+segment id, only when the mask has them): forward (R - 1) B n (2 K H e + 4); backward the same
+again plus R B n 2 K H 4 (dk, dv accumulate in float32); zig-zag adds the two half-block ppermutes
+of q, k, v (and segment ids) in and of the output out, and their transposes in the backward.
 
 BigBird's random blocks and global tokens are not elementwise in positions; its twin all-gathers
 q, k, v and the mask over the ring and runs bigbird.attend on the whole length, keeping this
@@ -65,6 +70,7 @@ class _Ring:
 
 
 def _check_impl(impl: str) -> None:
+  """Refuses impl='pallas' in one line ('auto' runs the XLA blocks)."""
   if impl == 'pallas':
     raise errors.Error("attention_impl='pallas' has no context-parallel path: ring attention's "
                        "blocks run in XLA; use 'xla' or 'auto' with mesh.context > 1.")
