@@ -13,15 +13,19 @@ query uses it only when it is in that run. Bidirectional with segments is a caus
 anti-causal pass (the reversed sequence, excluding the diagonal).
 
 The core `attend_features` takes the features; `attend` is the Linear Transformer (phi = elu + 1 or
-relu); `performer` supplies FAVOR+ features to the same core. Decoding (`init_cache`, `attend_step`,
-`step_features`) keeps the recurrent state (S, z) of Sec. 3.4 per row and advances it with the same
-chunked prefix sums started from it: O(M H) memory and work per token, flat in the context.
+relu); `performer` supplies FAVOR+ features to the same core. Without segment ids both take `fused`
+instead: the same sums with the feature map applied chunk by chunk inside the scans (and again in
+the backward), so no [T, M] feature array is written; `attend_features` is its twin.
+Decoding (`init_cache`, `attend_step`, `step_features`) keeps the recurrent state (S, z) of
+Sec. 3.4 per row and advances it with the same chunked prefix sums started from it: O(M H) memory
+and work per token, flat in the context.
 With impl='pallas' the causal prefix sums run in the Pallas kernels of
 `efflong.kernels.linear_attention` (`_prefix` here is their XLA twin).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -147,6 +151,155 @@ def _prefix_from(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, car
   return from_chunks(num), from_chunks(den), carry
 
 
+# The fused path (`fused`) --------------------------------------------------------------------
+# Features are computed chunk by chunk inside a lax.scan and rematerialised in the backward
+# (jax.checkpoint), so no [T, M] feature array is ever written to memory: on the CPU the
+# feature maps' passes over such arrays, not the matmuls, were most of the time (issue 19).
+
+BLOCK = 256  # Tokens per step of the bidirectional scans (any value gives the same sums).
+_NO_SCALE = -1e30  # The running log-scale before any key: exp(_NO_SCALE - s) is 0.
+
+FeatureFn = Callable[[jax.Array], jax.Array]
+# The scans' state: S [B, K, M, H + 1] (v with a column of ones: the last is z) and its log-scale
+# [B, K] (the largest key log-feature so far; _NO_SCALE without log keys).
+State = tuple[jax.Array, jax.Array]
+
+
+def _chunk_major(x: jax.Array, chunk: int, kv_heads: int | None = None) -> jax.Array:
+  """[B, T, N, F] -> [nC, B, N, C, F] (or [nC, B, K, G, C, F] given K), zero-padded to nC C."""
+  b, t, n, f = x.shape
+  x = jnp.pad(x, ((0, 0), (0, -t % chunk), (0, 0), (0, 0)))
+  x = jnp.moveaxis(x.reshape(b, -1, chunk, n, f), (1, 3), (0, 2))
+  return x if kv_heads is None else x.reshape(*x.shape[:2], kv_heads, n // kv_heads, chunk, f)
+
+
+def _token_major(x: jax.Array, length: int) -> jax.Array:
+  """[nC, B, K, G, C, F] -> [B, T, K G, F], the first `length` positions (`_chunk_major`'s
+  inverse)."""
+  nc, b, kh, g, c, f = x.shape
+  x = jnp.moveaxis(x.reshape(nc, b, kh * g, c, f), (0, 2), (1, 3))
+  return x.reshape(b, nc * c, kh * g, f)[:, :length]
+
+
+def can_fuse(mask: Mask, impl: str, t: int, s: int, *, log_keys: bool) -> bool:
+  """Whether `fused` computes attention under this mask and impl: no segment ids or global
+  tokens; causal needs T == S and XLA (impl 'xla', or 'auto' resolving to it; with a running
+  key scale 'auto' takes XLA everywhere and 'pallas' is refused, as in `attend_features`).
+  Raises errors.Error for an unknown impl."""
+  resolved = kernels.resolve(impl)
+  if (mask.q_segment_ids is not None or mask.kv_segment_ids is not None
+      or mask.global_tokens is not None):
+    return False
+  if not mask.causal:
+    return True
+  if t != s or (log_keys and impl == 'pallas'):
+    return False
+  if log_keys and resolved == 'pallas':
+    _warn_scale_in_xla()
+  return log_keys or resolved == 'xla'
+
+
+def _warn_scale_in_xla() -> None:
+  logging.log_first_n(logging.WARNING, 'kernel attention: the running key scale (performer, '
+                      'causal) runs in XLA, not the Pallas kernel.', 1)
+
+
+def fused(q: jax.Array, k: jax.Array, v: jax.Array, *, query_features: FeatureFn,
+          key_features: FeatureFn, log_keys: bool, causal: bool, chunk: int,
+          eps: float) -> jax.Array:
+  """Kernel attention without segments, the features computed chunk by chunk (see above).
+
+  Equal to `attend_features` on the same features (tests/attention/test_linear_fused.py).
+  Sums are accumulated with v's extra column of ones (z, the denominator, is that column of S).
+
+  Args:
+    q: [B, T, N, H] float32, the query feature map's input.
+    k, v: [B, S, K, H] float32; K divides N; S == T when causal.
+    query_features: x [..., C, H] -> phi(x) [..., C, M], row by row (a factor common to a row
+      cancels in its ratio: the FAVOR+ row max).
+    key_features: x [..., C, H] -> phi(x) [..., C, M], or log phi(x) with log_keys.
+    log_keys: the keys' features are exp(log phi - s), s the max over the keys a query sees: the
+      running max up to the key when causal (`_prefix`'s key_scale: the pair (i, j) weighted
+      exp(s_j - s_i)), the max over all keys otherwise (it cancels).
+    causal: sums over j <= i (chunks of C: the C x C block masked, the state carried).
+    chunk: C when causal (min(C, T)); the bidirectional scans take BLOCK tokens a step.
+    eps: added to the denominator, as in `attend_features`.
+  Returns:
+    [B, T, N, H] float32.
+  """
+  _check_chunk(chunk)
+  t, s = q.shape[1], k.shape[1]
+  step = min(chunk, t) if causal else min(BLOCK, s)
+  valid = jnp.ones(k.shape[:3] + (1,), jnp.float32)
+  kc = _chunk_major(k, step)
+  ones = _chunk_major(valid, step)                      # 0 at the padding: it adds nothing.
+  v1 = jnp.concatenate([_chunk_major(v, step), ones], axis=-1)
+  features = jax.eval_shape(key_features, kc[0]).shape[-1]
+  state = jnp.zeros(kc.shape[1:3] + (features, v1.shape[-1]), jnp.float32)
+  start = (state, jnp.full(kc.shape[1:3], _NO_SCALE, jnp.float32))
+  ratio = lambda num1: _ratio(num1[..., :-1], num1[..., -1], eps)
+  kh = k.shape[2]
+  if causal:
+    body = functools.partial(_causal_step, query_features=query_features,
+                             key_features=key_features, log_keys=log_keys, ratio=ratio)
+    _, out = jax.lax.scan(jax.checkpoint(body), start, (_chunk_major(q, step, kh), kc, v1))
+  else:
+    key_step = functools.partial(_key_step, key_features=key_features, log_keys=log_keys)
+    (state, _), _ = jax.lax.scan(jax.checkpoint(key_step), start, (kc, v1))
+    out = jax.lax.map(jax.checkpoint(lambda x: ratio(
+        jnp.einsum('BKGCM,BKMH->BKGCH', query_features(x), state))),
+                      _chunk_major(q, min(BLOCK, t), kh))
+  return _token_major(out, t)
+
+
+def _key_step(carry: State, x: tuple[jax.Array, jax.Array], *, key_features: FeatureFn,
+              log_keys: bool) -> tuple[State, None]:
+  """Adds a block of keys k [B, K, C, H] and values [v, 1] to S (bidirectional); with log_keys
+  S is kept at the scale of the largest key so far (rescaled as it grows)."""
+  s, scale = carry
+  k, v1 = x
+  kf = key_features(k)
+  if not log_keys:
+    return (s + jnp.einsum('BKCM,BKCH->BKMH', kf, v1), scale), None
+  real = jnp.where(v1[..., -1:] > 0, kf, _NO_SCALE)                 # padding sets no scale
+  new = jax.lax.stop_gradient(jnp.maximum(scale, jnp.max(real, axis=(-2, -1))))
+  kf = jnp.exp(kf - new[..., None, None])
+  return (s * jnp.exp(scale - new)[..., None, None]
+          + jnp.einsum('BKCM,BKCH->BKMH', kf, v1), new), None
+
+
+def _causal_step(carry: State, x: tuple[jax.Array, jax.Array, jax.Array], *,
+                 query_features: FeatureFn, key_features: FeatureFn, log_keys: bool,
+                 ratio: Callable[[jax.Array], jax.Array]) -> tuple[State, jax.Array]:
+  """One chunk of the causal sums: q [B, K, G, C, H], k [B, K, C, H], [v, 1] [B, K, C, H + 1];
+  returns the state after the chunk and the chunk's outputs [B, K, G, C, H]."""
+  s, scale = carry
+  q, k, v1 = x
+  c = k.shape[-2]
+  qf = query_features(q)
+  tri = jnp.tril(jnp.ones((c, c), bool))
+  if not log_keys:
+    kf = key_features(k)
+    a = jnp.where(tri, jnp.einsum('BKGCM,BKDM->BKGCD', qf, kf), 0.0)
+    num1 = (jnp.einsum('BKGCD,BKDH->BKGCH', a, v1)
+            + jnp.einsum('BKGCM,BKMH->BKGCH', qf, s))
+    return (s + jnp.einsum('BKCM,BKCH->BKMH', kf, v1), scale), ratio(num1)
+  log = key_features(k)
+  # The running max up to each key: the state's scale, then this chunk's keys.
+  run = jax.lax.stop_gradient(
+      jnp.maximum(scale[..., None], jax.lax.cummax(jnp.max(log, axis=-1), axis=2)))  # [B, K, C]
+  last = run[..., -1]
+  kf = jnp.exp(log - run[..., None])
+  pair = jnp.where(tri, jnp.exp(jnp.minimum(run[..., None, :] - run[..., :, None], 0.0)), 0.0)
+  a = jnp.einsum('BKGCM,BKDM->BKGCD', qf, kf) * pair[:, :, None]
+  from_state = jnp.exp(scale[..., None] - run)[:, :, None, :, None]          # <= 1
+  num1 = (jnp.einsum('BKGCD,BKDH->BKGCH', a, v1)
+          + jnp.einsum('BKGCM,BKMH->BKGCH', qf, s) * from_state)
+  to_last = (kf * jnp.exp(run - last[..., None])[..., None])
+  s = s * jnp.exp(scale - last)[..., None, None] + jnp.einsum('BKCM,BKCH->BKMH', to_last, v1)
+  return (s, last), ratio(num1)
+
+
 def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
                     chunk: int = 64, eps: float = EPS, key_scale: jax.Array | None = None,
                     impl: str = 'xla') -> jax.Array:
@@ -176,8 +329,7 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
       raise errors.Error("a running key scale (performer, causal) has no Pallas path yet; use "
                          "attention_impl='xla' or 'auto'.")
     if kernels.resolve(impl) == 'pallas':
-      logging.log_first_n(logging.WARNING, 'kernel attention: the running key scale (performer, '
-                          'causal) runs in XLA, not the Pallas kernel.', 1)
+      _warn_scale_in_xla()
     impl = 'xla'
   impl = kernels.resolve(impl)
   b, t, n, _ = qf.shape
@@ -232,10 +384,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, feature_map:
     chunk: C of the chunked prefix sums.
     impl: 'xla' (the lax.scan twin) or 'pallas' (efflong.kernels.linear_attention).
   Returns:
-    [B, T, N, H].
+    [B, T, N, H]. Without segment ids (and in XLA when causal) through `fused`, else through
+    `attend_features`.
   """
   dense.check_shapes(q, k, v, mask)
   phi = _feature_map(feature_map)
+  if can_fuse(mask, impl, q.shape[1], k.shape[1], log_keys=False):
+    f32 = lambda x: x.astype(jnp.float32)
+    return fused(f32(q), f32(k), f32(v), query_features=phi, key_features=phi, log_keys=False,
+                 causal=mask.causal, chunk=chunk, eps=EPS).astype(q.dtype)
   qf = phi(q.astype(jnp.float32))
   kf = phi(k.astype(jnp.float32))
   return attend_features(qf, kf, v, mask=mask, chunk=chunk, impl=impl).astype(q.dtype)

@@ -34,6 +34,7 @@ trainer redraws it every `redraw_every` steps (`redraw`), and it is saved with t
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -67,20 +68,20 @@ def draw(key: jax.Array, nb_features: int, head_dim: int, *, orthogonal: bool) -
 
 
 def _projections(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """x' = x H^(-1/4) and W x' [B, T, N, M], for x [B, T, N, H] and W [M, H]."""
+  """x' = x H^(-1/4) and W x' [..., M], for x [..., H] and W [M, H]."""
   x = x.astype(jnp.float32) * w.shape[1] ** -0.25
-  return x, jnp.einsum('BTNH,MH->BTNM', x, w)
+  return x, jnp.einsum('...H,MH->...M', x, w)
 
 
 def _exponents(x: jax.Array, w: jax.Array) -> jax.Array:
-  """W x' - |x'|^2 / 2 [B, T, N, M] (see `_projections`)."""
+  """W x' - |x'|^2 / 2 [..., M] (see `_projections`)."""
   x, projected = _projections(x, w)
-  return projected - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
+  return projected - 0.5 * jnp.einsum('...H,...H->...', x, x)[..., None]
 
 
 def query_features(q: jax.Array, w: jax.Array, *, kernel: str) -> jax.Array:
-  """phi(q) [B, T, N, M] for q [B, T, N, H]; softmax features stabilised per row (a factor that
-  cancels in each query's ratio)."""
+  """phi(q) [..., M] for q [..., H] (e.g. [B, T, N, H]); softmax features stabilised per row (a
+  factor that cancels in each query's ratio)."""
   m = w.shape[0]
   if kernel == 'relu':
     return jax.nn.relu(_projections(q, w)[1]) * m ** -0.5
@@ -122,10 +123,11 @@ def key_features(k: jax.Array, w: jax.Array, *, kernel: str, mask: Mask,
     return query_features(k, w, kernel=kernel), None
   e = _exponents(k, w)
   top = jnp.max(e, axis=-1)
-  if start is None:
-    seg = mask.kv_segment_ids
-    seg = jnp.zeros(k.shape[:2], jnp.int32) if seg is None else seg
-    scale = _run_max(top, seg, causal=mask.causal)
+  if start is None and mask.kv_segment_ids is None:   # One run: a prefix max, or one max.
+    scale = (jax.lax.cummax(top, axis=1) if mask.causal
+             else jnp.broadcast_to(jnp.max(top, axis=1, keepdims=True), top.shape))
+  elif start is None:
+    scale = _run_max(top, mask.kv_segment_ids, causal=mask.causal)
   else:
     real = (jnp.ones(k.shape[:2], bool) if mask.q_segment_ids is None
             else mask.q_segment_ids != 0)
@@ -161,10 +163,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, projection: 
     impl: 'xla' (the lax.scan twin) or 'pallas' (efflong.kernels.linear_attention); causal
       softmax features carry a running scale, which only XLA takes ('auto' takes XLA there).
   Returns:
-    [B, T, N, H].
+    [B, T, N, H]. Without segment ids (and in XLA when causal) through `linear.fused`, the
+    features computed chunk by chunk (the same stabilisers: the key features as logs), else
+    through `linear.attend_features`.
   """
   dense.check_shapes(q, k, v, mask)
   _check(q, kernel, projection)
+  softmax = kernel == 'softmax'
+  if linear.can_fuse(mask, impl, q.shape[1], k.shape[1], log_keys=softmax):
+    queries = functools.partial(query_features, w=projection, kernel=kernel)
+    keys = functools.partial(_exponents, w=projection) if softmax else queries
+    f32 = lambda x: x.astype(jnp.float32)
+    return linear.fused(f32(q), f32(k), f32(v), query_features=queries, key_features=keys,
+                        log_keys=softmax, causal=mask.causal, chunk=chunk,
+                        eps=_eps(kernel)).astype(q.dtype)
   qf = query_features(q, projection, kernel=kernel)
   kf, scale = key_features(k, projection, kernel=kernel, mask=mask)
   # No denominator epsilon for softmax features: each query row's and each key run's largest
