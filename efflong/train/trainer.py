@@ -366,9 +366,10 @@ def initial_state(config: ml_collections.ConfigDict, run: Setup, ckpts: Checkpoi
   """The state a run starts from, and a line saying where from (None: a fresh init).
 
   This run's own latest checkpoint, with data_iter restored in place (a resume: train.init_from is
-  then not read; on another number of processes the data starts afresh, Checkpoints.restore); else, with config.train.init_from, the latest parameters and model state of that
-  run, restored directly into this run's shardings, with a fresh optimizer state made from them and
-  step 0 (the data starts afresh too); else run.init().
+  then not read; on another number of processes the data starts afresh, Checkpoints.restore);
+  else, with config.train.init_from, the latest parameters and model state of that run, restored
+  directly into this run's shardings, with a fresh optimizer state made from them and step 0 (the
+  data starts afresh too); else run.init().
 
   Raises:
     errors.Error: train.init_from names no trained run, or one whose model's shapes differ.
@@ -377,7 +378,8 @@ def initial_state(config: ml_collections.ConfigDict, run: Setup, ckpts: Checkpoi
   if start is not None:
     ignored = f' (train.init_from={init_from!r} is not read on a resume)' if init_from else ''
     state, note = ckpts.restore(start, run.abstract, run.shardings, data_iter)
-    return state, f'Resumed from the checkpoint at step {start} in {ckpts.directory}{note}{ignored}.'
+    return state, (f'Resumed from the checkpoint at step {start} in {ckpts.directory}{note}'
+                   f'{ignored}.')
   if not init_from:
     return run.init(), None
   target = checkpoint.sharded(
