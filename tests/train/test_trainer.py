@@ -71,9 +71,9 @@ class _SignalAt:
 
 @pytest.mark.parametrize('attention, attention_kw, arg', [
     # Transformer-XL on contiguous byte rows: the memory and the data position must both resume.
-    ('xl', None, 'mem_len=8,seq_len=8'),
+    pytest.param('xl', None, 'mem_len=8,seq_len=8', marks=pytest.mark.slow),
     # Redraws at steps 3, 6, 9 | 12, ...: the resumed run must restore the step-9 features.
-    ('performer', {'redraw_every': 3, 'nb_features': 8}, ''),
+    pytest.param('performer', {'redraw_every': 3, 'nb_features': 8}, '', marks=pytest.mark.slow),
     # One E shared by both layers: a module shared across layers must checkpoint and restore.
     ('linformer', {'share': 'layerwise', 'k': 4}, 'fill'),
 ])
