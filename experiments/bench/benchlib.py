@@ -15,7 +15,9 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import jaxlib
+from flax import nnx
 
 
 def run_child(script: str, args: list[str], row: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -62,3 +64,16 @@ def header(device: str) -> list[str]:
       f'- versions: python {platform.python_version()}, jax {jax.__version__}, jaxlib '
       f'{jaxlib.__version__}, flax {flax.__version__}',
   ]
+
+
+def layer_grad(layer: nnx.Module):
+  """jit(grad) of sum(layer(x) * cot) with respect to every parameter and x: one attention layer's
+  forward and backward, as the benchmarks time it. Called as fn(params, x, cot) with params the
+  layer's nnx.Param state."""
+  graph, _, rest = nnx.split(layer, nnx.Param, ...)
+
+  def loss(params, x, cot):
+    out = nnx.merge(graph, params, rest)(x, segment_ids=None)
+    return jnp.sum(out * cot)
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))

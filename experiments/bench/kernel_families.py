@@ -71,17 +71,6 @@ def old_modules(rev: str) -> dict[str, Any]:
   return modules
 
 
-def grad_fn(layer: Attention):
-  """jit(grad) of sum(layer(x) * cot) with respect to x and every parameter."""
-  graph, params, rest = nnx.split(layer, nnx.Param, ...)
-
-  def loss(params, x, cot):
-    out = nnx.merge(graph, params, rest)(x, segment_ids=None)
-    return jnp.sum(out * cot)
-
-  return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-
 def _projections_only(q: jax.Array, k: jax.Array, v: jax.Array, **unused: Any) -> jax.Array:
   del unused
   return q * k * v
@@ -107,11 +96,11 @@ def main(argv):
       layer = Attention(256, 4, 64, family=family, family_kw=kw, causal=causal, max_len=t,
                         dtype=jnp.float32, rngs=nnx.Rngs(0))
       new_attend = layer.attend
-      fns = {'new': grad_fn(layer)}
+      fns = {'new': benchlib.layer_grad(layer)}
       layer.attend = functools.partial(old[family].attend, **new_attend.keywords)
-      fns['old'] = grad_fn(layer)
+      fns['old'] = benchlib.layer_grad(layer)
       layer.attend = _projections_only
-      fns['proj'] = grad_fn(layer)
+      fns['proj'] = benchlib.layer_grad(layer)
       layer.attend = new_attend
       _, params, _ = nnx.split(layer, nnx.Param, ...)
       got = {key: fn(params, x, cot) for key, fn in fns.items()}    # Compiles; checks agreement.

@@ -52,17 +52,6 @@ def old_module(rev: str):
   return module
 
 
-def grad_fn(layer: Attention):
-  """jit(grad) of sum(layer(x) * cot) with respect to x and every parameter."""
-  graph, params, rest = nnx.split(layer, nnx.Param, ...)
-
-  def loss(params, x, cot):
-    out = nnx.merge(graph, params, rest)(x, segment_ids=None)
-    return jnp.sum(out * cot)
-
-  return jax.jit(jax.grad(loss, argnums=(0, 1)))
-
-
 def timed(fn, *args) -> tuple[float, float]:
   """(wall ms, this process's CPU ms) of one call."""
   start, cpu = time.perf_counter(), time.process_time()
@@ -84,9 +73,9 @@ def main(argv):
     for r in map(int, _ROUNDS.value):
       layer = Attention(256, 4, 64, family='lsh', family_kw=dict(n_hashes=r, bucket_size=64),
                         causal=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
-      fns = {'new': grad_fn(layer)}
+      fns = {'new': benchlib.layer_grad(layer)}
       layer.attend = functools.partial(old.attend, **layer.attend.keywords)
-      fns['old'] = grad_fn(layer)
+      fns['old'] = benchlib.layer_grad(layer)
       _, params, _ = nnx.split(layer, nnx.Param, ...)
       for fn in fns.values():
         jax.block_until_ready(fn(params, x, cot))                       # Compiles.
