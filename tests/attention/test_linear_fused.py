@@ -74,3 +74,14 @@ def test_only_masks_without_segments_fuse():
   assert not linear.can_fuse(Mask(causal=True), 'pallas', 8, 8, log_keys=True)
   assert linear.can_fuse(Mask(causal=True), 'auto', 8, 8, log_keys=True)
   assert linear.can_fuse(Mask(causal=False), 'pallas', 8, 8, log_keys=False)
+
+
+def test_divide_equals_the_autodiff_division():
+  """linear.divide's hand-written cotangents against autodiff's of num / den."""
+  num, den, g = arrays((2, 5, 3, 4), (2, 5, 3), (2, 5, 3, 4), seed=9)
+  den = jnp.abs(den) + 0.5
+  out, grads = vjp(linear.divide, (num, den), g)
+  want, want_grads = vjp(lambda n, d: n / d[..., None], (num, den), g)
+  close(out, want, 'out')
+  for got, exp, what in zip(grads, want_grads, ('dnum', 'dden')):
+    close(got, exp, what)
