@@ -230,9 +230,8 @@ def fused(q: jax.Array, k: jax.Array, v: jax.Array, *, query_features: FeatureFn
   _check_chunk(chunk)
   t, s = q.shape[1], k.shape[1]
   step = min(chunk, t) if causal else min(BLOCK, s)
-  valid = jnp.ones(k.shape[:3] + (1,), jnp.float32)
   kc = _chunk_major(k, step)
-  ones = _chunk_major(valid, step)                      # 0 at the padding: it adds nothing.
+  ones = _chunk_major(jnp.ones(k.shape[:3] + (1,), jnp.float32), step)   # 0 at the padding
   v1 = jnp.concatenate([_chunk_major(v, step), ones], axis=-1)
   features = jax.eval_shape(key_features, kc[0]).shape[-1]
   state = jnp.zeros(kc.shape[1:3] + (features, v1.shape[-1]), jnp.float32)
@@ -246,9 +245,11 @@ def fused(q: jax.Array, k: jax.Array, v: jax.Array, *, query_features: FeatureFn
   else:
     key_step = functools.partial(_key_step, key_features=key_features, log_keys=log_keys)
     (state, _), _ = jax.lax.scan(jax.checkpoint(key_step), start, (kc, v1))
-    out = jax.lax.map(jax.checkpoint(lambda x: ratio(
-        jnp.einsum('BKGCM,BKMH->BKGCH', query_features(x), state))),
-                      _chunk_major(q, min(BLOCK, t), kh))
+
+    def query_block(x: jax.Array) -> jax.Array:   # x [B, K, G, C, H] -> out [B, K, G, C, H]
+      return ratio(jnp.einsum('BKGCM,BKMH->BKGCH', query_features(x), state))
+
+    out = jax.lax.map(jax.checkpoint(query_block), _chunk_major(q, min(BLOCK, t), kh))
   return _token_major(out, t)
 
 
@@ -290,12 +291,14 @@ def _causal_step(carry: State, x: tuple[jax.Array, jax.Array, jax.Array], *,
       jnp.maximum(scale[..., None], jax.lax.cummax(jnp.max(log, axis=-1), axis=2)))  # [B, K, C]
   last = run[..., -1]
   kf = jnp.exp(log - run[..., None])
+  # Pair (i, j <= i) weighted exp(s_j - s_i); queries reach the state (at its scale) by
+  # exp(scale - s_i); the state moves to the chunk's last scale. Every factor is <= 1.
   pair = jnp.where(tri, jnp.exp(jnp.minimum(run[..., None, :] - run[..., :, None], 0.0)), 0.0)
   a = jnp.einsum('BKGCM,BKDM->BKGCD', qf, kf) * pair[:, :, None]
-  from_state = jnp.exp(scale[..., None] - run)[:, :, None, :, None]          # <= 1
+  from_state = jnp.exp(scale[..., None] - run)[:, :, None, :, None]
   num1 = (jnp.einsum('BKGCD,BKDH->BKGCH', a, v1)
           + jnp.einsum('BKGCM,BKMH->BKGCH', qf, s) * from_state)
-  to_last = (kf * jnp.exp(run - last[..., None])[..., None])
+  to_last = kf * jnp.exp(run - last[..., None])[..., None]
   s = s * jnp.exp(scale - last)[..., None, None] + jnp.einsum('BKCM,BKCH->BKMH', to_last, v1)
   return (s, last), ratio(num1)
 

@@ -19,10 +19,8 @@ CASES = {
     # name: (family, kernel, causal, T, S, N, K, chunk)
     'linear_bidirectional_cross_gqa': ('linear', 'elu', False, 11, 13, 4, 2, 4),
     'linear_causal_gqa': ('linear', 'elu', True, 13, 13, 4, 2, 5),
-    'linear_relu_causal': ('linear', 'relu', True, 9, 9, 2, 2, 4),
     'performer_bidirectional_cross_gqa': ('performer', 'softmax', False, 10, 13, 4, 2, 4),
     'performer_causal_gqa': ('performer', 'softmax', True, 14, 14, 4, 2, 4),
-    'performer_relu_bidirectional': ('performer', 'relu', False, 9, 9, 2, 1, 4),
 }
 
 
