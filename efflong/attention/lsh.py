@@ -40,10 +40,10 @@ a multiple of bucket_size. Memory is O(n_hashes * T * bucket_size) (times n_hash
 duplicate count, which compares every round's bucket and sorted index of both tokens).
 
 Implementation (the XLA path; `./launch.sh bench lsh_rounds` measures it against an older
-revision): the rounds are one batch axis throughout. Each row and round is sorted once, by the packed
-int32 keys bucket * Tp + position (`sort_buckets`); q, k and v are read once into every round's
-sorted order (`sort_rounds`); the chunks of all rounds and heads attend as one batch, and each
-round's output is read back into position order and the rounds combined (`attend_rounds`).
+revision): the rounds are one batch axis throughout. Each row and round is sorted once, by the
+packed int32 keys bucket * Tp + position (`sort_buckets`); q, k and v are read once into every
+round's sorted order (`sort_rounds`); the chunks of all rounds and heads attend as one batch, and
+each round's output is read back into position order and the rounds combined (`attend_rounds`).
 Backwards are written out: a permutation's gradient is the read at its inverse (not autodiff's
 scatter-add), and attention's is FlashAttention's from the saved probabilities, with one read of
 the cotangent per round; sums over the rounds are written out term by term (XLA's CPU reductions
