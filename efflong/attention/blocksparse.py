@@ -14,9 +14,11 @@ for every query block, a fixed number V of key blocks to visit and what to do in
                                q_index[p] (-1 = padding); permuting by a residue class turns dilated
                                and strided patterns into block-local ones.
 
-Shapes are static and V is fixed, so the same layout drives the XLA path here (gather the visited key
+Shapes are static and V is fixed, so the same layout drives the XLA path here (read the visited key
 blocks, blocked softmax) and the Pallas kernels (efflong.kernels.flash_attention read the arrays
-as tile indices and visit the tiles in place).
+as tile indices and visit the tiles in place). The XLA path renumbers the slots first (`reads`): a
+band's by their offset from the query block, so every head shares one read of O blocks per query
+block; blocks that every query block visits become one view, and the logits one large matmul.
 Everything is O(T * V * C): no T x S score, mask or index array exists on this path.
 
 The segment-id / causal part of the mask (`Mask.allowed`) is applied on original positions, so
@@ -122,6 +124,36 @@ def dense_layout(q_len: int, kv_len: int, *, causal: bool, block: int | None = N
   return from_sets([[[(kb, FULL) for kb in range(reach[q])] for q in range(nq)]], c)
 
 
+def reads(layout: Layout) -> tuple[str, np.ndarray, np.ndarray]:
+  """How the XLA path reads the visited key blocks: the layout's slots renumbered where that lets
+  query blocks or heads share what they read.
+
+  Returns (how, which, kind):
+    ('fixed', blocks [O], kind [L, Nq, O]) when slot o holds the same block blocks[o] for every
+      query block that uses it (the summary columns of `fixed`): one view of the keys, shared by
+      every query block, so the logits are one large matmul;
+    ('shift', offsets [O], kind [L, Nq, O]) when every visited block is its query block plus one
+      of O <= V offsets (a band, also one per head): slot o of query block q reads block
+      q + offsets[o], one read shared by every head;
+    ('gather', kv_blocks [L, Nq, V], kind [L, Nq, V]) otherwise (BigBird's random blocks): each
+      head gathers its own.
+  """
+  lh, nq, nv = layout.kv_blocks.shape
+  used = layout.kind != EMPTY
+  blocks = [np.unique(layout.kv_blocks[..., v][used[..., v]]) for v in range(nv)]
+  if all(x.size <= 1 for x in blocks):
+    return 'fixed', np.array([x[0] if x.size else 0 for x in blocks], np.int32), layout.kind
+  offsets = layout.kv_blocks - np.arange(nq)[:, None]
+  shifts = np.unique(offsets[used])
+  if shifts.size <= nv:
+    kind = np.full((lh, nq, shifts.size), EMPTY, np.int8)
+    head, qb, _ = np.nonzero(used)
+    kind[head, qb, np.searchsorted(shifts, offsets[used])] = layout.kind[used]
+    if np.count_nonzero(kind) == np.count_nonzero(used):  # No block visited twice by one row.
+      return 'shift', shifts, kind
+  return 'gather', layout.kv_blocks, layout.kind
+
+
 def band(num_q: int, num_k: int, lo: int, hi: int) -> list[list[tuple[int, int]]]:
   """Per query block q, the key blocks q + lo .. q + hi that exist, all PATTERN."""
   return [[(kb, PATTERN) for kb in range(max(0, q + lo), min(num_k, q + hi + 1))]
@@ -137,8 +169,8 @@ def _inverse(index: np.ndarray, length: int) -> np.ndarray:
 
 
 def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layout: Layout,
-                  scale: float, exclude: jax.Array | None = None,
-                  impl: str = 'xla') -> tuple[jax.Array, jax.Array]:
+                  scale: float, exclude: jax.Array | None = None, impl: str = 'xla',
+                  views: bool = True) -> tuple[jax.Array, jax.Array]:
   """One block-sparse part: softmax attention over the pairs the layout and the mask allow.
 
   Args:
@@ -148,8 +180,11 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
     layout: the part's layout; L is 1 or N.
     scale: logit scale.
     exclude: [B, S] bool keys this part must not see (another part covers them), or None.
-    impl: 'xla' (gathered key tiles, here) or 'pallas' (efflong.kernels.flash_attention, which
-      reads the visited tiles in place and skips tiles with no allowed pair).
+    impl: 'xla' (here: the visited key tiles read as `reads` says) or 'pallas'
+      (efflong.kernels.flash_attention, which reads the visited tiles in place and skips tiles
+      with no allowed pair).
+    views: the XLA path reads the key tiles as `reads` renumbers them (shared by the heads, or by
+      the query blocks); False reads each head's slots as the layout lists them (the twin).
   Returns:
     out [B, T, N, H] float32, normalised over this part's keys (zeros where it has none), and
     lse [B, T, N] float32, the log-sum-exp of its logits (NEG_INF where it has none).
@@ -158,7 +193,6 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
   s, kh = k.shape[1], k.shape[2]
   g, c = n // kh, layout.block
   lh, nq, nv = layout.kv_blocks.shape
-  gl = 1 if lh == 1 else g                       # query heads per kv head that differ in layout
   q_index = identity_index(t, c) if layout.q_index is None else layout.q_index
   k_index = identity_index(s, c) if layout.k_index is None else layout.k_index
   if lh not in (1, n) or len(q_index) != nq * c or np.max(layout.kv_blocks) * c >= len(k_index):
@@ -169,51 +203,77 @@ def attend_layout(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Mask, layou
                               q_index=q_index, k_index=k_index)
     return _unpermute(out, lse, layout.q_index, q_index, t)
 
-  # Original positions of every query slot [Nq, C] and visited key slot [Kl, Gl, Nq, V*C].
+  # The key block each slot reads (`reads`): [Nq, O] (shift, and a gather shared by the heads),
+  # [1, O] (fixed: the same for every query block) or [N, Nq, V] (a gather per query head); and
+  # the original position of every query slot [Nq, C] and read key slot (-1 where there is none).
+  how, which, kind = reads(layout) if views else ('gather', layout.kv_blocks, layout.kind)
+  nk, o = len(k_index) // c, which.shape[-1]
+  per_head = how == 'gather' and lh > 1
+  read = {'shift': np.arange(nq)[:, None] + which, 'fixed': which[None]}.get(how, which)
+  read = read if per_head else read.reshape(-1, o)
+  exists = (read >= 0) & (read < nk)
+  read = np.where(exists, read, 0)
+  k_pos = np.where(exists[..., None], k_index.reshape(nk, c)[read], -1)
+  k_pos = k_pos.reshape(*read.shape[:-1], o * c)
+  kp = _by_head(jnp.asarray(k_pos if per_head else k_pos[None]), kh)  # [K|1, Nq|1, G|1, 1, S]
+  kind = _by_head(jnp.asarray(np.repeat(kind, c, axis=-1)), kh)        # [K|1, Nq, G|1, 1, S]
   q_pos = jnp.asarray(q_index.reshape(nq, c))
-  blocks = layout.kv_blocks.reshape(-1, gl, nq, nv)
-  k_pos = jnp.asarray(k_index.reshape(-1, c)[blocks].reshape(*blocks.shape[:3], nv * c))
-  kind = jnp.asarray(np.repeat(layout.kind.reshape(blocks.shape), c, axis=-1))
+  qp = q_pos[:, None, :, None]                                         # [Nq, 1, C, 1]
 
-  qb = _permute(q, layout.q_index, nq * c).reshape(b, nq, c, kh, g, h)
-  blk = jnp.asarray(blocks)                                  # [Kl, Gl, Nq, V]
+  # Query rows as one matmul dimension M wherever the keys allow: G * C, or Nq * G * C.
+  q_spec, rows = {'fixed': ('M', (nq * g * c,))}.get(
+      how, ('QGC', (nq, g, c)) if per_head else ('QM', (nq, g * c)))
+  kv_spec = {'fixed': 'BKSH'}.get(how, 'BKQGSH' if per_head else 'BKQSH')
 
-  def gather(x: jax.Array) -> jax.Array:  # [B, S, K, H] -> [B, K, Gl, Nq, V*C, H]
-    xb = jnp.moveaxis(_permute(x, layout.k_index, len(k_index)), 2, 1)
-    xb = xb.reshape(b, kh, len(k_index) // c, c, h)          # [B, K, key blocks, C, H]
-    if lh == 1:  # Whole blocks are gathered: contiguous C x H copies (and adds, backwards).
-      out = jnp.take(xb, blk[0], axis=2)
+  def view(x: jax.Array) -> jax.Array:  # [B, S, K, H] -> the key slots, as kv_spec names them
+    xb = jnp.moveaxis(_permute(x, layout.k_index, len(k_index)), 2, 1).reshape(b, kh, nk, c, h)
+    if per_head:
+      blk = read.reshape(kh, g, nq, o).transpose(0, 2, 1, 3)                    # [K, Nq, G, V]
+      return xb[:, np.arange(kh)[:, None, None, None], blk].reshape(b, kh, nq, g, o * c, h)
+    first = read.flat[0]
+    if np.array_equal(read.ravel(), np.arange(first, first + read.size)):  # One run: a slice.
+      xb = xb[:, :, first:first + read.size]
     else:
-      out = jax.vmap(lambda xk, bk: jnp.take(xk, bk, axis=1), in_axes=(1, 0), out_axes=1)(xb, blk)
-    return out.reshape(b, kh, gl, nq, nv * c, h)
+      # Whole C x H blocks are gathered (and scatter-added, backwards): on the CPU as fast as a
+      # concatenation of shifted slices, whose backward (a sum of shifted slices) XLA fuses with
+      # the transposes the projections' gradients need, three times slower.
+      xb = jnp.take(xb, jnp.asarray(read), axis=2)
+    return xb.reshape(b, kh, *((nq,) if how != 'fixed' else ()), o * c, h)  # [B, K, Nq?, S, H]
 
-  kb, vb = gather(k), gather(v)
-  kv_spec = 'BKGQSH' if gl > 1 else 'BKQSH'
-  if gl == 1:
-    kb, vb = kb[:, :, 0], vb[:, :, 0]
-  logits = jnp.einsum(f'BQCKGH,{kv_spec}->BKGQCS', qb, kb,
-                      preferred_element_type=jnp.float32) * scale  # [B, K, G, Nq, C, V*C]
+  # Logits [B, K, *rows, S] in the matmuls' own layout: no transpose of that size anywhere.
+  qb = _permute(q, layout.q_index, nq * c).reshape(b, nq, c, kh, g, h).transpose(0, 3, 1, 4, 2, 5)
+  kb, vb = view(k), view(v)
+  logits = jnp.einsum(f'BK{q_spec}H,{kv_spec}->BK{q_spec}S', qb.reshape(b, kh, *rows, h), kb,
+                      preferred_element_type=jnp.float32)
 
-  qp, kp = q_pos[:, :, None], k_pos[:, :, :, None, :]                 # [Nq, C, 1], [Kl, Gl, Nq, 1, V*C]
-  inside = kind[:, :, :, None, :] == FULL
+  inside = kind == FULL
   if layout.pattern is not None:
-    head = jnp.arange(n).reshape(-1, gl, 1, 1, 1) if lh > 1 else jnp.zeros((), jnp.int32)
-    inside |= (kind[:, :, :, None, :] == PATTERN) & layout.pattern(qp, kp, head)
+    head = jnp.arange(n).reshape(kh, 1, g, 1, 1) if lh > 1 else jnp.zeros((), jnp.int32)
+    inside |= (kind == PATTERN) & layout.pattern(qp, kp, head)
   ok = inside & (qp >= 0) & (kp >= 0)
   seg = mask.q_segment_ids is not None
   ok = ok & mask.allowed(
-      qp, kp,
-      _gather(mask.q_segment_ids, q_pos)[:, None, None, :, :, None] if seg else None,
-      _gather(mask.kv_segment_ids, k_pos)[:, :, :, :, None, :] if seg else None, t, s)
+      qp, kp, _gather(mask.q_segment_ids, q_pos)[:, None, :, None, :, None] if seg else None,
+      _gather(mask.kv_segment_ids, kp) if seg else None, t, s)
   if exclude is not None:
-    ok = ok & ~_gather(exclude, k_pos)[:, :, :, :, None, :]
+    ok = ok & ~_gather(exclude, kp)
 
-  probs, total, lse = softmax(logits, ok)
-  out = jnp.einsum(f'BKGQCS,{kv_spec}->BQCKGH', probs.astype(v.dtype), vb,
+  probs, total, lse = softmax(logits.reshape(b, kh, nq, g, c, -1) * scale, ok)
+  out = jnp.einsum(f'BK{q_spec}S,{kv_spec}->BK{q_spec}H',
+                   probs.astype(v.dtype).reshape(logits.shape), vb,
                    preferred_element_type=jnp.float32)
-  out = out / jnp.moveaxis(total, (3, 4), (1, 2))[..., None]
-  out, lse = out.reshape(b, nq * c, n, h), jnp.moveaxis(lse, (3, 4), (1, 2)).reshape(b, nq * c, n)
+  # Normalised as a [rows, H] matrix: on the CPU, XLA's reduction over H (in the backward) is ten
+  # times slower on a shape with unit dimensions (B = 1, G = 1).
+  out = (out.reshape(-1, h) / total.reshape(-1, 1)).reshape(b, kh, nq, g, c, h)
+  out = out.transpose(0, 2, 4, 1, 3, 5).reshape(b, nq * c, n, h)
+  lse = lse.transpose(0, 2, 4, 1, 3).reshape(b, nq * c, n)
   return _unpermute(out, lse, layout.q_index, q_index, t)
+
+
+def _by_head(x: jax.Array, kh: int) -> jax.Array:
+  """[L, Nq|1, S] (L = 1, or N = K * G query heads) -> [K|1, Nq|1, G|1, 1, S]."""
+  x = x.reshape(min(x.shape[0], kh), -1, *x.shape[1:])
+  return jnp.moveaxis(x, 1, 2)[..., None, :]
 
 
 def _permute(x: jax.Array, index: np.ndarray | None, length: int) -> jax.Array:
