@@ -8,12 +8,13 @@ and linformer.py are loaded from `git show <rev>:...` into temporary modules (th
 on the old linear) and bound into a second layer with the same parameters. A third layer, 'proj',
 replaces the family by q * k * v: the projections alone (four [T, 256] x [256, 256] matmuls,
 forward and backward, and one elementwise pass), the floor under every family. (Not q + k + v:
-q, k and v would then get one gradient, and XLA computes their three weight gradients as one.) Calls alternate old, new, proj, old, ...;
-the medians are reported with the paired ratio old / new (the median of the per-round ratios,
-robust to a machine shared with other work) and new / proj.
+q, k and v would then get one gradient, and XLA computes their three weight gradients as one.)
+Calls alternate old, new, proj, old, ...; the medians are reported with the paired ratio
+old / new (the median of the per-round ratios, robust to a machine shared with other work) and
+new / proj.
 
-Command (about 2 minutes at the defaults):
-  ./launch.sh bench kernel_families --rev=HEAD --lengths=4096,16384 --reps=5
+Command (a few minutes on an idle 2-core CPU at the defaults; fewer --families, --lengths: less):
+  ./launch.sh bench kernel_families --rev=fd12603~1 --lengths=4096,16384 --reps=5
       [--families=linear,linear-causal,performer,performer-causal,linformer]
 Prints a markdown table.
 """
@@ -48,7 +49,8 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 _MODULES = ('linear', 'performer', 'linformer')
 
-_REV = flags.DEFINE_string('rev', 'HEAD', 'The revision whose kernel-family modules are "old".')
+_REV = flags.DEFINE_string('rev', 'fd12603~1', 'The revision whose kernel-family modules are '
+                           '"old" (default: before the fused path, issue 19).')
 _LENGTHS = flags.DEFINE_list('lengths', ['4096', '16384'], 'Sequence lengths T.')
 _NAMES = flags.DEFINE_list('families', list(_FAMILIES), 'Entries of the table to measure.')
 _REPS = flags.DEFINE_integer('reps', 5, 'Timed rounds (after one warm-up call each).')
