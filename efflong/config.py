@@ -23,9 +23,12 @@ from efflong import attention, errors
 # Logical axis -> mesh axis. Parameters are sharded over `fsdp` on their embed axis and over `model`
 # on heads / mlp / vocab (Megatron-style); activations' batch axis over (data, fsdp), their length
 # axis over `context` (context parallelism: the attention layer runs its family's context twin).
+# A parameter's length axis (a learned position table, Linformer's projections) is `max_len`: kept
+# whole on every context shard, since decoding and shorter batches read it at any position.
 DEFAULT_RULES = (
     ('batch', ('data', 'fsdp')),
     ('length', 'context'),
+    ('max_len', None),
     ('embed', 'fsdp'),
     ('heads', 'model'),
     ('head_dim', None),

@@ -127,7 +127,7 @@ class Projections(nnx.Module):
     heads = num_kv_heads if share == 'none' else 1
     # Each projected key sums up to max_len tokens: std 1 / sqrt(max_len) keeps its scale.
     init = nnx.with_partitioning(nnx.initializers.lecun_normal(in_axis=2, out_axis=1),
-                                 (None, None, 'length'), eager_sharding=False)
+                                 (None, None, 'max_len'), eager_sharding=False)
     self.e = nnx.Param(init(rngs.params(), (heads, k, max_len), dtype))
     self.f = (None if share in ('kv', 'layerwise')
               else nnx.Param(init(rngs.params(), (heads, k, max_len), dtype)))

@@ -15,7 +15,7 @@ class LearnedPositions(nnx.Module):
 
   def __init__(self, max_len: int, dim: int, *, rngs: nnx.Rngs):
     self.max_len = max_len
-    init = partitioned(nnx.initializers.normal(0.02), 'length', 'embed')
+    init = partitioned(nnx.initializers.normal(0.02), 'max_len', 'embed')
     self.table = nnx.Param(init(rngs.params(), (max_len, dim)))
 
   def __call__(self, positions: jax.Array) -> jax.Array:
