@@ -3,6 +3,7 @@
 Command:
   ./launch.sh bench peers [--lengths 1024,4096,16384,65536] [--reps 7] [--budget_s 180]
       [--slow_s 20] [--max_call_s 150] [--memory_gib 12] [--out experiments/results/peers_cpu]
+      [--rows linear,linformer,...]  (a subset of the table's rows, by key; default all)
 
 Measured as a new user would run it: ONE attention layer with its projections (batch 1, 4 heads,
 head dim 64, model dim 256, float32), forward + backward with respect to the input and every
@@ -304,7 +305,7 @@ def _skip_reason(method: str, t: int, prev: dict[str, Any] | None, args) -> str 
 def measure_length(t: int, previous: dict[str, dict[str, Any]], args) -> dict[str, dict[str, Any]]:
   """Every method at length t: its probe (memory and one call), then the interleaved rounds."""
   import benchlib  # Here, not above: it imports jax, which a peer's probe need not load.
-  methods = [f'{side}:{row.key}' for row in _ROWS for side in ('efflong', 'peer')]
+  methods = [f'{side}:{row.key}' for row in selected(args) for side in ('efflong', 'peer')]
   results = {}
   for m in methods:
     reason = _skip_reason(m, t, previous.get(m), args)
@@ -333,11 +334,21 @@ def measure_length(t: int, previous: dict[str, dict[str, Any]], args) -> dict[st
   return results
 
 
-def table_rows(results: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def selected(args) -> list[Row]:
+  """The rows named by --rows (all when empty); an unknown key is an error naming the valid ones."""
+  keys = [k for k in args.rows.split(',') if k] or list(_BY_KEY)
+  unknown = sorted(set(keys) - set(_BY_KEY))
+  if unknown:
+    raise SystemExit(f'--rows {",".join(unknown)}: unknown; valid: {",".join(_BY_KEY)}')
+  return [_BY_KEY[k] for k in keys]
+
+
+def table_rows(results: dict[int, dict[str, dict[str, Any]]],
+               rows_run: list[Row]) -> list[dict[str, Any]]:
   """One row per (family, T): both sides' medians and statuses, the ratio, the peak memory."""
   rows = []
   for t, by_method in results.items():
-    for row in _ROWS:
+    for row in rows_run:
       eff, peer = by_method[f'efflong:{row.key}'], by_method[f'peer:{row.key}']
       out = {'family': row.label, 'key': row.key, 'T': t, 'package': row.peer.package,
              'efflong_status': eff['status'], 'peer_status': peer['status'],
@@ -431,8 +442,10 @@ def main() -> None:
   parser.add_argument('--memory_gib', type=float, default=12,
                       help='skip (predicted) or stop (measured) a method needing more')
   parser.add_argument('--out', default='experiments/results/peers_cpu')
+  parser.add_argument('--rows', default='', help='comma-separated row keys (default: every row)')
   parser.add_argument('--probe', help=argparse.SUPPRESS)  # Internal: one method's probe.
   args = parser.parse_args()
+  selected(args)  # An unknown row fails before the environment is made.
   ensure_env()
   lengths = [int(t) for t in args.lengths.split(',')]
   if args.probe:
@@ -443,7 +456,7 @@ def main() -> None:
   results, previous = {}, {}
   for t in lengths:
     results[t] = previous = measure_length(t, previous, args)
-  rows = table_rows(results)
+  rows = table_rows(results, selected(args))
   meta = header(args) | {
       'wall time': f'{time.perf_counter() - start:.0f} s',
       'load average': f'{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (1 minute; '

@@ -27,7 +27,7 @@ def test_positions_module_kinds():
 
 def test_learned_positions_carry_axis_names():
   table = LearnedPositions(8, 6, rngs=nnx.Rngs(0)).table
-  assert table.get_metadata()['out_sharding'] == ('length', 'embed')
+  assert table.get_metadata()['out_sharding'] == ('max_len', 'embed')
 
 
 def test_learned_positions_refuse_sequences_longer_than_the_table():

@@ -42,6 +42,7 @@ def eval_loss(workdir) -> float:
     return json.load(f)['eval/loss']
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   outs = finish(launch(2, tmp_path / 'two', SMOKE))
   assert sum('Finished step 6' in out for out in outs) == 1  # only process 0 reports

@@ -148,7 +148,7 @@ def classifier(pooling: str) -> nnx.Module:
   return models.build(config, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize('pooling', ['mean', 'cls'])
+@pytest.mark.parametrize('pooling', ['mean', pytest.param('cls', marks=pytest.mark.slow)])
 def test_packed_and_unpacked_batches_give_the_same_loss(pooling):
   """A packed batch's examples, each in its own unpacked row: equal loss and accuracy sums and
   counts through the classifier and loss_and_metrics."""
