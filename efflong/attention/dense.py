@@ -261,7 +261,8 @@ def _flash_bwd(spec: _Spec, res, cotangents):
   d_out, d_lse = cotangents
   nq, b, kh, gc, h = x.q.shape
   g, cq, ck = spec.groups, spec.q_block, spec.kv_block
-  delta = jnp.sum(d_out * out, axis=-1) - d_lse                       # [Nq, B, K, G * Cq]
+  # An einsum, not sum(d_out * out): XLA:CPU runs that product-then-reduce ~15x slower.
+  delta = jnp.einsum('...H,...H->...', d_out, out) - d_lse            # [Nq, B, K, G * Cq]
   lse = jnp.where(lse > FLOOR, lse, 0.0)  # An empty row: every logit NEG_INF, so p = 0.
   d_out = d_out.astype(x.v.dtype)
   q_t, d_out_t = jnp.swapaxes(x.q, -1, -2), jnp.swapaxes(d_out, -1, -2)   # [Nq, B, K, H, G * Cq]

@@ -64,11 +64,13 @@ def _project(x: jax.Array, proj: jax.Array, member: jax.Array | None) -> jax.Arr
     member: [B, S, G] float, token s belongs to segment g + 1 (None: one segment, every token).
   """
   b, s, kh, h = x.shape
-  if member is None:
-    member = jnp.ones((b, s, 1), jnp.float32)
-  letters = 'PS' if proj.shape[0] == 1 else 'KPS'
-  e = proj[0] if proj.shape[0] == 1 else proj
-  out = jnp.einsum(f'{letters},BSG,BSKH->BGPKH', e, member, x,
+  shared = proj.shape[0] == 1
+  e = proj[0] if shared else proj
+  if member is None:  # One plain matmul per row (per head); XLA:CPU runs 3-operand einsums slowly.
+    out = jnp.einsum('PS,BSKH->BPKH' if shared else 'KPS,BSKH->BPKH', e, x,
+                     preferred_element_type=jnp.float32)
+    return out
+  out = jnp.einsum(f"{'PS' if shared else 'KPS'},BSG,BSKH->BGPKH", e, member, x,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, -1, kh, h)
 
