@@ -34,3 +34,21 @@ def test_goals_are_checked_from_the_numbers():
   assert '- not measured: dense, T=65536: efflong runs in <= 2 GiB (peak GiB)' in lines
   assert ('- PASS: dense, T=16384: efflong within 1.5x of torch SDPA (efflong / SDPA) '
           '(measured 1.40)' in lines)
+
+
+def test_profile_kinds_read_from_the_hlo():
+  sys.path.insert(0, str(_PATH.parent))
+  try:
+    import peers_profile  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(_PATH.parent))
+  kind = peers_profile.kind_of
+  projection = ('%ynn_fusion.3 = f32[4096,256]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name='
+                '"jit(loss)/jvp(BTD,DNH->BTNH)/dot_general"}, backend_config={"fusion_config":'
+                '{"kind":"__ynn_fusion"}}')
+  assert kind('ynn_fusion.3', projection) == 'projection dots'
+  assert kind('dot.19', '%dot.19 = f32[4,64,65]{2,1,0} dot(%a, %b)') == 'attention dots'
+  assert kind('while.2', '%while.2 = (s32[], f32[4]) while(%t)') == 'loop control'
+  assert kind('subtract_exponential_fusion', '%s = f32[4] fusion(%a)') == 'exp'
+  assert kind('copy_bitcast_fusion.1', '%c = f32[4] fusion(%a)') == 'copies'
+  assert kind('add_bitcast_fusion', '%c = f32[4] fusion(%a)') == 'elementwise and reductions'

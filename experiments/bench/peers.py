@@ -1,9 +1,12 @@
 """efflong's attention layer against its public PyTorch peers, side by side (issue 19).
 
 Command:
-  ./launch.sh bench peers [--lengths 1024,4096,16384,65536] [--reps 7] [--budget_s 180]
+  ./launch.sh bench peers [--lengths 1024,4096,16384] [--reps 7] [--budget_s 180]
       [--slow_s 20] [--max_call_s 150] [--memory_gib 12] [--out experiments/results/peers_cpu]
       [--rows linear,linformer,...]  (a subset of the table's rows, by key; default all)
+  Dense at 64K (its memory goal), one call a side, written beside the table:
+  ./launch.sh bench peers --rows dense --lengths 65536 --reps 1 --max_call_s 1200
+      --out experiments/results/peers_cpu_dense64k
 
 Measured as a new user would run it: ONE attention layer with its projections (batch 1, 4 heads,
 head dim 64, model dim 256, float32), forward + backward with respect to the input and every
@@ -226,12 +229,23 @@ def build(method: str, t: int) -> tuple[Callable[[], None], int | None]:
       module(x).backward(ct)
     return step, None
   import jax
+  compiled, args = efflong_step(row, x_np, ct_np)
+  mem = compiled.memory_analysis()
+  xla = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+         + mem.temp_size_in_bytes)
+  return lambda: jax.block_until_ready(compiled(*args)), xla
+
+
+def efflong_step(row: Row, x_np: Any, ct_np: Any) -> tuple[Any, tuple[Any, ...]]:
+  """efflong's side of a row: the compiled jit(grad) of sum(layer(x) * ct) w.r.t. (params, x),
+  and its arguments (params, x, ct), for x, ct [B, T, D] numpy arrays."""
+  import jax
   import jax.numpy as jnp
   from flax import nnx
   from efflong import config as config_lib
   from efflong.nn.attention import Attention
   layer = Attention(_D, _N, _H, family=row.family, family_kw=efflong_hyper(row), causal=row.causal,
-                    impl=config_lib.base('peers').model.attention_impl, max_len=t,
+                    impl=config_lib.base('peers').model.attention_impl, max_len=x_np.shape[1],
                     stack_modules={}, dtype=jnp.float32, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
@@ -241,12 +255,8 @@ def build(method: str, t: int) -> tuple[Callable[[], None], int | None]:
            else layer(x, segment_ids=None))
     return jnp.sum(out * ct)
 
-  x, ct = jnp.asarray(x_np), jnp.asarray(ct_np)
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x, ct).compile()
-  mem = compiled.memory_analysis()
-  xla = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-         + mem.temp_size_in_bytes)
-  return lambda: jax.block_until_ready(compiled(params, x, ct)), xla
+  args = (params, jnp.asarray(x_np), jnp.asarray(ct_np))
+  return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile(), args
 
 
 def _proc_kib(field: str) -> int:
@@ -442,7 +452,7 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--lengths', default='1024,4096,16384,65536')
+  parser.add_argument('--lengths', default='1024,4096,16384')
   parser.add_argument('--reps', type=int, default=7, help='most rounds per length')
   parser.add_argument('--budget_s', type=float, default=180,
                       help='rounds per length: as many as fit (at least 3, at most --reps)')
