@@ -71,8 +71,9 @@ _GOAL_RATIO, _CAUSAL_RATIO, _DENSE_GIB, _DENSE_SDPA = 1.2, 10.0, 2.0, 1.5
 
 
 def ensure_env() -> None:
-  """Returns in .peers/venv with the heap tuned; elsewhere re-executes this script there, first
-  making the venv when its stamp (a hash of the requirements and .venv's versions) is missing."""
+  """Returns in .peers/venv with the heap tuned; elsewhere re-executes the calling script there,
+  first making the venv when its stamp (a hash of the requirements and .venv's versions) is
+  missing."""
   if pathlib.Path(sys.prefix).resolve() == _VENV and all(os.environ.get(k) == v
                                                          for k, v in _HEAP.items()):
     return
@@ -92,7 +93,7 @@ def ensure_env() -> None:
   env = {**os.environ, **_HEAP}
   env.setdefault('PEERS_COMMAND', shlex.join(['./launch.sh', 'bench', 'peers', *sys.argv[1:]]))
   python = str(_VENV / 'bin' / 'python')
-  os.execve(python, [python, __file__, *sys.argv[1:]], env)
+  os.execve(python, [python, os.path.abspath(sys.argv[0]), *sys.argv[1:]], env)  # The caller.
 
 
 def projected(attend: Callable[..., Any]) -> Any:
