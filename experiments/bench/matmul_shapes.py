@@ -88,7 +88,8 @@ def main() -> None:
     work = flops(spec, shapes)
     rows.append({'case': name, 'jax_ms': jax_ms, 'torch_ms': torch_ms,
                  'jax_gflops': work and work / jax_ms / 1e6,
-                 'torch_gflops': work and work / torch_ms / 1e6, 'torch_over_jax': torch_ms / jax_ms})
+                 'torch_gflops': work and work / torch_ms / 1e6,
+                 'torch_over_jax': torch_ms / jax_ms})
   gf = lambda v: '—' if v is None else f'{v:.0f}'
   lines = ['# JAX (XLA:CPU) and PyTorch on the primitives of the peer benchmark (issue 19)', '',
            *benchlib.header('CPU'), f'- torch {torch.__version__}, {torch.get_num_threads()} '

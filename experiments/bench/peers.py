@@ -151,7 +151,7 @@ class Row:
   kw: dict[str, Any]
   peer: Peer
   quadratic: bool = False  # Time grows as T^2 (extrapolating to the next length).
-  floor: bool = False  # The projections alone (no goal): what any layer of the table costs at least.
+  floor: bool = False  # The projections alone (no goal): what any layer of the table costs.
 
 
 _LAYER = dict(dim=_D, heads=_N, dim_head=_H)

@@ -90,12 +90,17 @@ def profile(row: peers.Row, t: int, calls: int) -> dict[str, Any]:
   # A while op's time includes its body's ops: keep only its own share.
   by_kind['loop control'] = max(0.0, by_kind['loop control'] - sum(
       ms for n, ms in times.items() if kinds[n] != 'loop control' and _in_loop(n, lines)))
-  shape = lambda n: re.sub(r'\{[^}]*\}', '', lines.get(n, '').split('=')[1].split(' fusion(')[0]
-                           .split(' dot(')[0].split(' while(')[0]).strip()[:60] if n in lines else '?'
+  shape = lambda n: _result_shape(lines[n]) if n in lines else '?'
   top = sorted(times, key=times.get, reverse=True)[:8]
   return {'key': row.key, 'label': row.label, 'T': t, 'wall_ms': statistics.median(wall),
           'by_kind_ms': by_kind,
           'top': [{'op': n, 'kind': kinds[n], 'ms': times[n], 'shape': shape(n)} for n in top]}
+
+
+def _result_shape(line: str) -> str:
+  """The result type of an HLO line, without layouts, at most 60 characters."""
+  result = re.split(r' (?:fusion|dot|while)\(', line.split('=', 1)[1])[0]
+  return re.sub(r'\{[^}]*\}', '', result).strip()[:60]
 
 
 def _in_loop(name: str, lines: dict[str, str]) -> bool:
@@ -129,13 +134,15 @@ def main() -> None:
   parser.add_argument('--out', default='experiments/results/peers_profile_cpu')
   args = parser.parse_args()
   if any(os.environ.get(k) != v for k, v in peers._HEAP.items()):  # The heap the peer bench runs.
-    os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**os.environ, **peers._HEAP})
+    os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]],
+              {**os.environ, **peers._HEAP})
   rows = []
   for row in peers.selected(args):
     t = args.dense_length if row.quadratic else args.length
     print(f'{row.key} T={t}', file=sys.stderr, flush=True)
     rows.append(profile(row, t, args.calls))
-  meta = benchlib.header('CPU') + [f'- heap: ' + ' '.join(f'{k}={v}' for k, v in peers._HEAP.items())]
+  heap = ' '.join(f'{k}={v}' for k, v in peers._HEAP.items())
+  meta = benchlib.header('CPU') + [f'- heap: {heap}']
   text = report(rows, meta)
   print(text)
   benchlib.write(args.out, text, rows)
