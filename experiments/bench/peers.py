@@ -340,7 +340,8 @@ def measure_length(t: int, previous: dict[str, dict[str, Any]], args) -> dict[st
   timed = [m for m in ok if 'times_ms' not in results[m]]
   steps = {m: build(m, t)[0] for m in timed}
   warm_ms = {m: _call_ms(steps[m]) for m in timed}
-  rounds = max(min(3, args.reps), min(args.reps, int(args.budget_s * 1e3 / sum(warm_ms.values()))))
+  rounds = 0 if not timed else max(min(3, args.reps), min(args.reps, int(
+      args.budget_s * 1e3 / sum(warm_ms.values()))))  # None timed: every method made one call.
   print(f'T={t}: {rounds} rounds of {len(timed)} methods', file=sys.stderr, flush=True)
   for m in timed:
     results[m].update(warmup_ms=warm_ms[m], times_ms=[])
