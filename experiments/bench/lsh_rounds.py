@@ -6,7 +6,16 @@ and every parameter; family 'lsh', causal, bucket_size 64, the other hyper-param
 defaults (the band form, allow_duplicates=False). The old lsh.py is loaded from
 `git show <rev>:efflong/attention/lsh.py` into a temporary module and bound into a second layer
 with the same parameters; calls alternate old, new, old, new, ... and the medians are reported
-with their paired ratio (old / new) and the round scaling (n_hashes=4 time / n_hashes=1 time).
+with their paired ratio (old / new), the round scaling (n_hashes=4 time / n_hashes=1 time) and the
+length scaling (longest T / shortest). Besides wall time: the process's user and system CPU time
+and its minor page faults per call (each call's XLA temporaries are memory touched afresh: at
+T = 16K and 4 rounds, 300K faults, a quarter of the CPU time in the kernel). On the shared 2-core
+machine the wall time swings with the other processes' load (HEAD against itself: old / new 0.80
+at T = 16K, 4 rounds) where the CPU time does not (0.99); by CPU time 16K / 4K is 3.9-4.0x and 4
+rounds / 1 round 2.7x (2026-12-01, issue 19). --old_options / --new_options compile a side with
+XLA compiler options, e.g. the same revision with the dots outside YNNPACK:
+  ./launch.sh bench lsh_rounds --rev=HEAD --lengths=16384 --rounds=4 \
+      --new_options=xla_cpu_experimental_ynn_fusion_type=
 
 Command (about 2 minutes at the defaults):
   ./launch.sh bench lsh_rounds --rev=HEAD --lengths=4096,16384 --rounds=1,4 --reps=5
@@ -18,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -36,6 +46,9 @@ _REV = flags.DEFINE_string('rev', 'HEAD', 'The revision whose lsh.py is "old".')
 _LENGTHS = flags.DEFINE_list('lengths', ['4096', '16384'], 'Sequence lengths T.')
 _ROUNDS = flags.DEFINE_list('rounds', ['1', '4'], 'Hash rounds (n_hashes).')
 _REPS = flags.DEFINE_integer('reps', 5, 'Timed calls per variant (after one warm-up).')
+_OLD_OPTIONS = flags.DEFINE_list('old_options', [], 'XLA compiler options name=value of the old '
+                                 'side (e.g. xla_cpu_experimental_ynn_fusion_type=).')
+_NEW_OPTIONS = flags.DEFINE_list('new_options', [], 'The same for the new side.')
 
 
 def old_module(rev: str):
@@ -52,11 +65,22 @@ def old_module(rev: str):
   return module
 
 
-def timed(fn, *args) -> tuple[float, float]:
-  """(wall ms, this process's CPU ms) of one call."""
-  start, cpu = time.perf_counter(), time.process_time()
+def _usage() -> np.ndarray:
+  """This process's (user CPU ms, system CPU ms, minor page faults) so far."""
+  use = resource.getrusage(resource.RUSAGE_SELF)
+  return np.asarray([use.ru_utime * 1e3, use.ru_stime * 1e3, use.ru_minflt])
+
+
+def timed(fn, *args) -> np.ndarray:
+  """(wall ms, user CPU ms, system CPU ms, minor page faults) of one call."""
+  start, before = time.perf_counter(), _usage()
   jax.block_until_ready(fn(*args))
-  return (time.perf_counter() - start) * 1e3, (time.process_time() - cpu) * 1e3
+  return np.concatenate([[(time.perf_counter() - start) * 1e3], _usage() - before])
+
+
+def options(items: list[str]) -> dict[str, str] | None:
+  """['name=value', ...] -> XLA compiler options (None: the defaults)."""
+  return dict(item.split('=', 1) for item in items) or None
 
 
 def main(argv):
@@ -64,9 +88,12 @@ def main(argv):
   old = old_module(_REV.value)
   lines = benchlib.header(str(jax.devices()[0])) + [
       f'- old: lsh.py at {_REV.value}; new: this tree. Medians of {_REPS.value} interleaved calls; '
-      'wall time, and the process\'s CPU time (steadier on a shared machine).', '',
-      '| T | rounds | old ms | new ms | old / new | old CPU ms | new CPU ms | old / new (CPU) |',
-      '|---:|---:|---:|---:|---:|---:|---:|---:|']
+      'wall time, and the process\'s CPU time (user + system: steadier on a shared machine), its '
+      f'system part and its page faults. XLA options: old {_OLD_OPTIONS.value or "none"}, new '
+      f'{_NEW_OPTIONS.value or "none"}.', '',
+      '| T | rounds | old ms | new ms | old / new | old CPU ms | new CPU ms | old / new (CPU) | '
+      'old / new system ms | old / new faults |',
+      '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   medians = {}
   for t in map(int, _LENGTHS.value):
     x, cot = (jax.random.normal(jax.random.key(i), (1, t, 256)) for i in (1, 2))
@@ -77,24 +104,35 @@ def main(argv):
       layer.attend = functools.partial(old.attend, **layer.attend.keywords)
       fns['old'] = benchlib.layer_grad(layer)
       _, params, _ = nnx.split(layer, nnx.Param, ...)
+      chosen = {'new': _NEW_OPTIONS.value, 'old': _OLD_OPTIONS.value}
+      fns = {name: fn.lower(params, x, cot).compile(compiler_options=options(chosen[name]))
+             for name, fn in fns.items()}
       for fn in fns.values():
-        jax.block_until_ready(fn(params, x, cot))                       # Compiles.
+        jax.block_until_ready(fn(params, x, cot))                       # Warm-up.
       times = {name: [] for name in fns}
       for _ in range(_REPS.value):
         for name, fn in fns.items():
           times[name].append(timed(fn, params, x, cot))
       med = medians[t, r] = {name: np.median(np.asarray(v), axis=0) for name, v in times.items()}
-      (wo, co), (wn, cn) = med['old'], med['new']
-      lines.append(f'| {t} | {r} | {wo:.0f} | {wn:.0f} | {wo / wn:.2f} | {co:.0f} | {cn:.0f} | '
-                   f'{co / cn:.2f} |')
+      (wall_o, *cpu_o, faults_o), (wall_n, *cpu_n, faults_n) = med['old'], med['new']
+      lines.append(f'| {t} | {r} | {wall_o:.0f} | {wall_n:.0f} | {wall_o / wall_n:.2f} | '
+                   f'{sum(cpu_o):.0f} | {sum(cpu_n):.0f} | {sum(cpu_o) / sum(cpu_n):.2f} | '
+                   f'{cpu_o[1]:.0f} / {cpu_n[1]:.0f} | {faults_o:.0f} / {faults_n:.0f} |')
       print(lines[-1], file=sys.stderr, flush=True)
-  rounds = sorted(map(int, _ROUNDS.value))
-  if len(rounds) > 1:
-    lines += ['', f'Round scaling ({rounds[-1]} rounds / {rounds[0]} round; wall, CPU):', '']
-    for t in map(int, _LENGTHS.value):
-      scale = {name: medians[t, rounds[-1]][name] / medians[t, rounds[0]][name]
+  lengths, rounds = sorted(map(int, _LENGTHS.value)), sorted(map(int, _ROUNDS.value))
+  scalings = [(f'Round scaling ({rounds[-1]} rounds / {rounds[0]} round', 'T', lengths,
+               lambda t: ((t, rounds[-1]), (t, rounds[0])))] if len(rounds) > 1 else []
+  if len(lengths) > 1:
+    scalings.append((f'Length scaling (T = {lengths[-1]} / T = {lengths[0]}', 'rounds', rounds,
+                     lambda r: ((lengths[-1], r), (lengths[0], r))))
+  for title, what, values, keys in scalings:
+    lines += ['', f'{title}; wall, CPU):', '']
+    for value in values:
+      big, small = keys(value)
+      scale = {name: (medians[big][name][0] / medians[small][name][0],
+                      medians[big][name][1:3].sum() / medians[small][name][1:3].sum())
                for name in ('old', 'new')}
-      lines.append(f'- T = {t}: old {scale["old"][0]:.2f}x, {scale["old"][1]:.2f}x; new '
+      lines.append(f'- {what} = {value}: old {scale["old"][0]:.2f}x, {scale["old"][1]:.2f}x; new '
                    f'{scale["new"][0]:.2f}x, {scale["new"][1]:.2f}x')
   benchlib.emit(None, lines, [])
 
