@@ -14,8 +14,10 @@ anti-causal pass (the reversed sequence, excluding the diagonal).
 
 The core `attend_features` takes the features; `attend` is the Linear Transformer (phi = elu + 1 or
 relu); `performer` supplies FAVOR+ features to the same core. Without segment ids both take `fused`
-instead: the same sums with the feature map applied chunk by chunk inside the scans (and again in
-the backward), so no [T, M] feature array is written; `attend_features` is its twin.
+instead: the same sums with the feature map applied chunk by chunk inside scans (and again in
+the backward), so no [T, M] feature array is written, or, bidirectional with few enough key
+features, the two sums as a few large matmuls in head-major layout with a written-out VJP
+(`kernel_sums`). `attend_features` is its twin.
 Decoding (`init_cache`, `attend_step`, `step_features`) keeps the recurrent state (S, z) of
 Sec. 3.4 per row and advances it with the same chunked prefix sums started from it: O(M H) memory
 and work per token, flat in the context.
@@ -39,8 +41,29 @@ from efflong.mask import Mask
 
 EPS = 1e-6  # The Linear Transformer's denominator epsilon: relu features may see no key mass.
 
+
+@jax.custom_jvp
+def elu1(x: jax.Array) -> jax.Array:
+  """elu(x) + 1 = exp(x) below 0, exp(log(1 + x)) = 1 + x above, with the derivative
+  min(elu1(x), 1) read from the output.
+
+  The exp last: XLA:CPU then writes the features once, in the layout their matmul reads, and the
+  backward reads them; with a select last (x + 1 or exp(x)) it wrote exp(x) as a separate array in
+  the input's layout and recomputed the select in every consumer, forward and backward (in the
+  layer of issue 19, 20% slower at T = 16K).
+  """
+  return jnp.exp(jnp.where(x > 0, jnp.log1p(jnp.maximum(x, 0.0)), x))
+
+
+@elu1.defjvp
+def _elu1_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
+              ) -> tuple[jax.Array, jax.Array]:
+  y = elu1(primals[0])
+  return y, tangents[0] * jnp.minimum(y, 1.0)
+
+
 FEATURE_MAPS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'elu': lambda x: jax.nn.elu(x) + 1.0,
+    'elu': elu1,
     'relu': jax.nn.relu,
 }
 
@@ -152,11 +175,16 @@ def _prefix_from(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, car
 
 
 # The fused path (`fused`) --------------------------------------------------------------------
-# Features are computed chunk by chunk inside a lax.scan and rematerialised in the backward
-# (jax.checkpoint), so no [T, M] feature array is ever written to memory: on the CPU the
-# feature maps' passes over such arrays, not the matmuls, were most of the time (issue 19).
+# Causal: features are computed chunk by chunk inside a lax.scan and rematerialised in the
+# backward (jax.checkpoint), so no [T, M] feature array is ever written to memory.
+# Bidirectional: while the key features are small (S M <= WHOLE_MAX per row and kv head), the sums
+# are over the whole sequence, a few large matmuls in head-major layout (`_bidirectional`): their
+# [T, M] feature arrays cost less than a scan's many small steps. Beyond, scans of BLOCK tokens.
+# (In the layer of issue 19 on a 2-core CPU: whole sums 10-25% faster for linear, M = 64, at
+# T = 4K and 16K and for performer, M = 256, at 4K; 6% slower for performer at 16K.)
 
 BLOCK = 256  # Tokens per step of the bidirectional scans (any value gives the same sums).
+WHOLE_MAX = 2**20  # The largest S M whose bidirectional sums are taken whole.
 _NO_SCALE = -1e30  # The running log-scale before any key: exp(_NO_SCALE - s) is 0.
 
 FeatureFn = Callable[[jax.Array], jax.Array]
@@ -207,7 +235,8 @@ def _warn_scale_in_xla() -> None:
 def fused(q: jax.Array, k: jax.Array, v: jax.Array, *, query_features: FeatureFn,
           key_features: FeatureFn, log_keys: bool, causal: bool, chunk: int,
           eps: float) -> jax.Array:
-  """Kernel attention without segments, the features computed chunk by chunk (see above).
+  """Kernel attention without segments: the features computed chunk by chunk in scans, or
+  bidirectionally, while S M <= WHOLE_MAX, whole (`_bidirectional`; see above).
 
   Equal to `attend_features` on the same features (tests/attention/test_linear_fused.py).
   Sums are accumulated with v's extra column of ones (z, the denominator, is that column of S).
@@ -229,11 +258,14 @@ def fused(q: jax.Array, k: jax.Array, v: jax.Array, *, query_features: FeatureFn
   """
   _check_chunk(chunk)
   t, s = q.shape[1], k.shape[1]
+  features = jax.eval_shape(key_features, k[:1, :1]).shape[-1]
+  if not causal and s * features <= WHOLE_MAX:
+    return _bidirectional(q, k, v, query_features=query_features, key_features=key_features,
+                          log_keys=log_keys, eps=eps)
   step = min(chunk, t) if causal else min(BLOCK, s)
   kc = _chunk_major(k, step)
   ones = _chunk_major(jnp.ones(k.shape[:3] + (1,), jnp.float32), step)   # 0 at the padding
   v1 = jnp.concatenate([_chunk_major(v, step), ones], axis=-1)
-  features = jax.eval_shape(key_features, kc[0]).shape[-1]
   state = jnp.zeros(kc.shape[1:3] + (features, v1.shape[-1]), jnp.float32)
   start = (state, jnp.full(kc.shape[1:3], _NO_SCALE, jnp.float32))
   ratio = lambda num1: _ratio(num1[..., :-1], num1[..., -1], eps)
@@ -251,6 +283,77 @@ def fused(q: jax.Array, k: jax.Array, v: jax.Array, *, query_features: FeatureFn
 
     out = jax.lax.map(jax.checkpoint(query_block), _chunk_major(q, min(BLOCK, t), kh))
   return _token_major(out, t)
+
+
+def _bidirectional(q: jax.Array, k: jax.Array, v: jax.Array, *, query_features: FeatureFn,
+                   key_features: FeatureFn, log_keys: bool, eps: float) -> jax.Array:
+  """`fused` without a mask, whole: S = phi(K)^T [V 1] over the sequence, out = phi(Q) S / z.
+
+  In head-major layout (`_head_major`: moving N past T keeps H minor, a cheap copy that XLA fuses
+  into the feature maps and the output's division) every product is one batched matmul with a
+  single contracting dimension (`kernel_sums`). (Einsums over [B, T, N, H] directly make XLA:CPU
+  transpose around the matmuls, 2x their time; contracting G and T together made it transpose
+  [T, M] to [M, T], 10x: issue 19.)
+  """
+  b, t, n, _ = q.shape
+  kv = k.shape[2]
+  kf = key_features(_head_major(k, kv))
+  if log_keys:   # One scale per row and kv head: the largest log-feature (it cancels).
+    kf = jnp.exp(kf - jax.lax.stop_gradient(jnp.max(kf, axis=(1, 2), keepdims=True)))
+  out = kernel_sums(query_features(_head_major(q, kv)), kf, _head_major(v, kv), eps)
+  return out.reshape(b, kv, n // kv, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, n, -1)
+
+
+def _head_major(x: jax.Array, kv_heads: int) -> jax.Array:
+  """[B, T, N, F] -> [B K, G T, F]: the G query heads of each of the K kv heads, one after the
+  other (for keys and values N = K, G = 1)."""
+  b, t, n, f = x.shape
+  x = x.reshape(b, t, kv_heads, n // kv_heads, f).transpose(0, 2, 3, 1, 4)
+  return x.reshape(b * kv_heads, -1, f)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def kernel_sums(qf: jax.Array, kf: jax.Array, v: jax.Array, eps: float) -> jax.Array:
+  """Bidirectional kernel attention on head-major features: (qf S_v) / (qf z + eps), S = kf^T v,
+  z = the sum of kf (one matmul: kf^T [v 1]); a zero denominator gives zeros.
+
+  Args:
+    qf: [X, R, M] query features (X = B K batches of R = G T rows).
+    kf: [X, S, M] key features.
+    v: [X, S, H].
+    eps: added to the denominator.
+  Returns:
+    [X, R, H] float32.
+
+  The VJP is written out: every cotangent is one batched matmul over the same layouts (S^T's
+  through the rows, S's through the keys), and the division's through an einsum (see `divide`).
+  """
+  return _kernel_sums_fwd(qf, kf, v, eps)[0]
+
+
+def _kernel_sums_fwd(qf: jax.Array, kf: jax.Array, v: jax.Array, eps: float
+                     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+  s = jnp.einsum('XSM,XSH->XMH', kf, v1)
+  num1 = jnp.einsum('XRM,XMH->XRH', qf, s)
+  den = num1[..., -1] + eps
+  den = jnp.where(den > 0, den, 1.0)
+  out = num1[..., :-1] / den[..., None]
+  return out, (qf, kf, v1, s, out, den)
+
+
+def _kernel_sums_bwd(eps: float, res: tuple[jax.Array, ...], g: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  del eps
+  qf, kf, v1, s, out, den = res
+  # The cotangent of num1 = [num, den]: g / den, and -sum_H(g out) / den.
+  g1 = jnp.concatenate([g, -jnp.einsum('XRH,XRH->XR', g, out)[..., None]], -1) / den[..., None]
+  gs = jnp.einsum('XRM,XRH->XMH', qf, g1)
+  return (jnp.einsum('XRH,XMH->XRM', g1, s), jnp.einsum('XSH,XMH->XSM', v1, gs),
+          jnp.einsum('XSM,XMH->XSH', kf, gs[..., :-1]))
+
+
+kernel_sums.defvjp(_kernel_sums_fwd, _kernel_sums_bwd)
 
 
 def _key_step(carry: State, x: tuple[jax.Array, jax.Array], *, key_features: FeatureFn,

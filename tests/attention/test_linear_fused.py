@@ -2,8 +2,9 @@
 linear.attend_features on the features computed whole: values and gradients in q, k, v.
 
 linear.attend and performer.attend take the fused path without segment ids; the twin is the
-formulation they take with them. BLOCK is shrunk so the bidirectional scans take several steps
-and pad their last one; chunks do not divide T.
+formulation they take with them. Bidirectional, both ways: the whole sums (`_bidirectional`, the
+default at these sizes) and, with WHOLE_MAX at 0, the scans, BLOCK shrunk so they take several
+steps and pad their last one. Chunks do not divide T.
 """
 
 import jax
@@ -16,11 +17,13 @@ from tests.attention import arrays, close, vjp
 B, H = 2, 8
 
 CASES = {
-    # name: (family, kernel, causal, T, S, N, K, chunk)
-    'linear_bidirectional_cross_gqa': ('linear', 'elu', False, 11, 13, 4, 2, 4),
-    'linear_causal_gqa': ('linear', 'elu', True, 13, 13, 4, 2, 5),
-    'performer_bidirectional_cross_gqa': ('performer', 'softmax', False, 10, 13, 4, 2, 4),
-    'performer_causal_gqa': ('performer', 'softmax', True, 14, 14, 4, 2, 4),
+    # name: (family, kernel, causal, T, S, N, K, chunk, whole)
+    'linear_bidirectional_cross_gqa': ('linear', 'elu', False, 11, 13, 4, 2, 4, True),
+    'linear_bidirectional_scans': ('linear', 'elu', False, 11, 13, 4, 2, 4, False),
+    'linear_causal_gqa': ('linear', 'elu', True, 13, 13, 4, 2, 5, False),
+    'performer_bidirectional_cross_gqa': ('performer', 'softmax', False, 10, 13, 4, 2, 4, True),
+    'performer_bidirectional_scans': ('performer', 'softmax', False, 10, 13, 4, 2, 4, False),
+    'performer_causal_gqa': ('performer', 'softmax', True, 14, 14, 4, 2, 4, False),
 }
 
 
@@ -45,8 +48,10 @@ def _pair(family, kernel, mask, chunk, w):
 
 @pytest.mark.parametrize('name', list(CASES))
 def test_fused_equals_the_whole_features_twin(name, monkeypatch):
-  family, kernel, causal, t, s, n, kh, chunk = CASES[name]
+  family, kernel, causal, t, s, n, kh, chunk, whole = CASES[name]
   monkeypatch.setattr(linear, 'BLOCK', 4)
+  if not whole:
+    monkeypatch.setattr(linear, 'WHOLE_MAX', 0)
   q, k, v, dout = arrays((B, t, n, H), (B, s, kh, H), (B, s, kh, H), (B, t, n, H),
                          seed=len(name))
   # Keys of growing norm: the causal running scale rises across chunks (the state is rescaled).
