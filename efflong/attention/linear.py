@@ -50,7 +50,7 @@ def elu1(x: jax.Array) -> jax.Array:
   The exp last: XLA:CPU then writes the features once, in the layout their matmul reads, and the
   backward reads them; with a select last (x + 1 or exp(x)) it wrote exp(x) as a separate array in
   the input's layout and recomputed the select in every consumer, forward and backward (in the
-  layer of issue 19, 20% slower at T = 16K).
+  layer of issue 19, some 10% slower at T = 16K).
   """
   return jnp.exp(jnp.where(x > 0, jnp.log1p(jnp.maximum(x, 0.0)), x))
 
@@ -180,8 +180,9 @@ def _prefix_from(qf: jax.Array, kf: jax.Array, v: jax.Array, seg: jax.Array, car
 # Bidirectional: while the key features are small (S M <= WHOLE_MAX per row and kv head), the sums
 # are over the whole sequence, a few large matmuls in head-major layout (`_bidirectional`): their
 # [T, M] feature arrays cost less than a scan's many small steps. Beyond, scans of BLOCK tokens.
-# (In the layer of issue 19 on a 2-core CPU: whole sums 10-25% faster for linear, M = 64, at
-# T = 4K and 16K and for performer, M = 256, at 4K; 6% slower for performer at 16K.)
+# In the layer of issue 19 on a 2-core CPU the whole sums were 5-25% faster for linear (M = 64)
+# at T = 4K to 64K and for performer (M = 256) at 4K, 6-14% slower for performer at 16K: the
+# limit is performer's (linear at 64K, beyond it, would still gain some 10%).
 
 BLOCK = 256  # Tokens per step of the bidirectional scans (any value gives the same sums).
 WHOLE_MAX = 2**20  # The largest S M whose bidirectional sums are taken whole.
