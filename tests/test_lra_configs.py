@@ -67,6 +67,7 @@ def test_families_sweep_and_arguments():
     LRA.get_sweep('listops')
 
 
+@pytest.mark.slow
 def test_listops_smoke_run(tmp_path):
   """Generated ListOps (tiny splits, prepared into tmp_path) through train_and_evaluate, the batch
   rows sharded over the 8 test devices."""

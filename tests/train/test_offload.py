@@ -24,6 +24,7 @@ def _train(offload: bool) -> tuple[list[float], trainer.TrainState]:
   return losses, state
 
 
+@pytest.mark.slow  # The fast suite restores into host memory (test_multiprocess.py).
 def test_host_optimizer_state_trains_as_on_the_device():
   (device, on_device), (host, on_host) = _train(False), _train(True)
   np.testing.assert_allclose(host, device, rtol=1e-6)

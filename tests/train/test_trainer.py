@@ -160,6 +160,7 @@ def test_eval_overrides_and_variants_change_only_evaluation(tmp_path):
     config_lib.add_eval_variant(smoke_config(steps=2), 'x', window=3)
 
 
+@pytest.mark.slow
 def test_performer_features_are_redrawn_by_the_trainer(tmp_path):
   """redraw_every=2: the same losses as never redrawing up to step 2, different from step 3 on."""
   runs = {}
