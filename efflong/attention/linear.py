@@ -337,8 +337,7 @@ def _kernel_sums_fwd(qf: jax.Array, kf: jax.Array, v: jax.Array, eps: float
   v1 = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
   s = jnp.einsum('XSM,XSH->XMH', kf, v1)
   num1 = jnp.einsum('XRM,XMH->XRH', qf, s)
-  den = num1[..., -1] + eps
-  den = jnp.where(den > 0, den, 1.0)
+  den = _denominator(num1[..., -1], eps)
   out = num1[..., :-1] / den[..., None]
   return out, (qf, kf, v1, s, out, den)
 
@@ -467,10 +466,15 @@ def attend_features(qf: jax.Array, kf: jax.Array, v: jax.Array, *, mask: Mask,
   return _ratio(num, den, eps).reshape(b, t, n, -1)
 
 
+def _denominator(den: jax.Array, eps: float) -> jax.Array:
+  """den + eps, with 1 where that is zero (its numerator is zero there too: the row gets zeros)."""
+  den = den + eps
+  return jnp.where(den > 0, den, 1.0)
+
+
 def _ratio(num: jax.Array, den: jax.Array, eps: float) -> jax.Array:
   """num / (den + eps), [..., H] / [...]; zeros where the denominator is zero."""
-  den = den + eps
-  return divide(num, jnp.where(den > 0, den, 1.0))
+  return divide(num, _denominator(den, eps))
 
 
 @jax.custom_vjp
